@@ -1,0 +1,1 @@
+"""fastmf: fast, exact one-step MeanFlow-family generative models."""

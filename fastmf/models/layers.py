@@ -1,0 +1,158 @@
+"""Building blocks of MiT: RMSNorm, SwiGLU, rotary tables, scalar/label embedders, nd patching."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types (the references upcast norms, RoPE and embeddings), fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 (or fp64), returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(compute_dtype(x.dtype))
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xc.to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoidal features of a per-sample scalar (cos half first) -> Linear, SiLU, Linear."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        ct = compute_dtype(s.dtype)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period)
+                          * torch.arange(half, device=s.device, dtype=ct) / half)    # (half,)
+        args = s.to(ct)[:, None] * freqs[None]                                      # (B, half)
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, freq_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))                         # (B, hidden)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with num_classes + 1 rows; the last row is the null class used for CFG."""
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)                                              # (B, hidden)
+
+
+####################################################################################################
+#                                       Rotary embeddings                                          #
+####################################################################################################
+
+def rope_1d(num_tokens: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """iMF form: angles (N, head_dim/2) over the whole sequence, prefix tokens included."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return torch.outer(torch.arange(num_tokens, dtype=torch.float64), freqs)
+
+
+def rope_axial(grid: tuple[int, ...], num_prefix: int, head_dim: int,
+               theta: float = 10000.0) -> torch.Tensor:
+    """pMF form generalised to n axes: angles (prefix + prod(grid), head_dim/2).
+
+    The head_dim/2 rotation pairs are split into equal consecutive groups, one per axis (pMF 2D:
+    pairs [0, D/4) follow the row, [D/4, D/2) the column). Pairs left over when head_dim/2 is not
+    divisible by the number of axes, and all prefix tokens, get angle 0 (no rotation).
+    """
+    pairs = head_dim // 2
+    per_axis = pairs // len(grid)
+    axis_dim = 2 * per_axis
+    freqs = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
+    angles = torch.zeros(num_prefix + math.prod(grid), pairs, dtype=torch.float64)
+    for a, c in enumerate(coords):
+        angles[num_prefix:, a * per_axis:(a + 1) * per_axis] = torch.outer(c.reshape(-1), freqs)
+    return angles
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, N, H, D) by angles given as cos/sin (N, D/2).
+
+    Computed in fp32 (fp64 for fp64 inputs) as the references do; returns that dtype.
+    """
+    ct = compute_dtype(x.dtype)
+    x = x.to(ct).unflatten(-1, (-1, 2))                                  # (B, N, H, D/2, 2)
+    cos, sin = cos.to(ct)[None, :, None], sin.to(ct)[None, :, None]       # (1, N, 1, D/2)
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+####################################################################################################
+#                                    nd patchify / unpatchify                                      #
+####################################################################################################
+
+_PATTERNS = {
+    2: "b c (h p) (w q) -> b (h w) (p q c)",
+    3: "b c (d p) (h q) (w r) -> b (d h w) (p q r c)",
+}
+_AXES = {2: ("p", "q"), 3: ("p", "q", "r")}
+_GRID = {2: ("h", "w"), 3: ("d", "h", "w")}
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, N, p^n C), tokens in row-major order, features ordered (patch..., c)."""
+    n = x.dim() - 2
+    return rearrange(x, _PATTERNS[n], **{a: p for a in _AXES[n]})
+
+
+def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, N, p^n C) -> (B, C, *S); inverse of patchify."""
+    n = len(grid)
+    lhs, rhs = _PATTERNS[n].split(" -> ")
+    sizes = dict(zip(_GRID[n], grid)) | {a: p for a in _AXES[n]}
+    return rearrange(tokens, f"{rhs} -> {lhs}", **sizes)
+
+
+class PatchEmbed(nn.Module):
+    """Linear patch embedding (the p x p stride-p conv as a matmul on patchified input)."""
+
+    def __init__(self, patch_dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(patch_dim, hidden)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches)
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """pMF: patch -> bottleneck channels -> hidden (conv p x p then 1 x 1 conv, both with bias)."""
+
+    def __init__(self, patch_dim: int, bottleneck: int, hidden: int):
+        super().__init__()
+        self.proj1 = nn.Linear(patch_dim, bottleneck)
+        self.proj2 = nn.Linear(bottleneck, hidden)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj2(self.proj1(patches))

@@ -1,0 +1,258 @@
+"""MeanFlow objectives as pure functions: MF, iMF and pMF.
+
+Every loss is `loss, metrics = *_loss(apply, params, x, y, gen, cfg)` with
+`apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)`. All randomness of a
+step is drawn first into a `Draws` record (`draw`), and `*_loss_from_draws` is a deterministic
+function of (params, batch, draws), so tests can replay draws exactly. These functions follow the
+reference code line by line; the fast train step (fastmf/train_step.py) is tested against them.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+VARIANTS = ("mf", "imf", "pmf")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss hyperparameters; `objective_defaults(variant)` gives the reference values."""
+    variant: str = "imf"
+    num_classes: int = 1000
+    P_mean: float = -0.4               # logit-normal time sampling
+    P_std: float = 1.0
+    data_proportion: float = 0.5       # fraction of the batch with r = t (flow matching)
+    norm_eps: float = 0.01             # adaptive weight L / sg((L + eps)^p)
+    norm_p: float = 1.0
+    class_dropout_prob: float = 0.1
+    cfg_max: float = 7.0               # omega in [1, 1 + cfg_max] (iMF/pMF)
+    cfg_beta: float = 1.0              # power-distribution exponent for omega
+    mf_omega: float = 1.0              # MF: fixed guidance scale of v_g = w v_t + (1 - w) u_uncond
+    noise_scale: float = 1.0           # pMF: e ~ N(0, noise_scale^2)
+    perceptual_weight: float = 1.0     # pMF: weight of the (adaptively weighted) perceptual term
+    perceptual_max_t: float = 1.0      # pMF: perceptual term only where t < this
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not 0.0 <= self.data_proportion <= 1.0:
+            raise ValueError(f"data_proportion must be in [0, 1], got {self.data_proportion}")
+        if self.P_std <= 0 or self.norm_eps < 0 or self.cfg_max < 0 or self.noise_scale <= 0:
+            raise ValueError("P_std and noise_scale must be > 0; norm_eps and cfg_max must be >= 0")
+
+
+def objective_defaults(variant: str, **overrides) -> ObjectiveConfig:
+    """Reference defaults: MF data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8."""
+    base = {"mf": dict(data_proportion=0.75),
+            "imf": dict(),
+            "pmf": dict(P_mean=0.8, P_std=0.8)}
+    if variant not in base:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return ObjectiveConfig(variant=variant, **(base[variant] | overrides))
+
+
+####################################################################################################
+#                                           Draws                                                  #
+####################################################################################################
+
+@dataclass
+class Draws:
+    """All random quantities of one step (shapes (B,) except e, which is like x)."""
+    t: torch.Tensor
+    r: torch.Tensor
+    fm_mask: torch.Tensor      # bool: flow-matching samples, r = t
+    e: torch.Tensor            # noise, already scaled by noise_scale
+    omega: torch.Tensor
+    t_min: torch.Tensor
+    t_max: torch.Tensor
+    drop_mask: torch.Tensor    # bool: class label replaced by the null class
+
+
+def _rand(shape, gen: torch.Generator, like: torch.Tensor, normal: bool) -> torch.Tensor:
+    fn = torch.randn if normal else torch.rand
+    return fn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def sample_tr(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
+    """Logit-normal t and r with t >= r; the first int(B * data_proportion) samples get r = t."""
+    t = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
+    r = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    fm_mask = torch.arange(B, device=like.device) < int(B * cfg.data_proportion)
+    return t, torch.where(fm_mask, t, r), fm_mask
+
+
+def sample_omega(u: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """Power distribution on [1, 1 + cfg_max] from uniforms u (density ~ omega^-beta)."""
+    log_top = math.log1p(cfg.cfg_max)
+    if cfg.cfg_beta == 1.0:
+        return torch.exp(u * log_top)
+    b = cfg.cfg_beta
+    return torch.exp(torch.log1p(u * math.expm1((1 - b) * log_top)) / (1 - b))
+
+
+def draw(x: torch.Tensor, gen: torch.Generator, cfg: ObjectiveConfig) -> Draws:
+    """Draw everything random for one step, in a fixed order."""
+    B = x.shape[0]
+    t, r, fm_mask = sample_tr(B, gen, x, cfg)
+    e = _rand(x.shape, gen, x, True) * cfg.noise_scale
+    if cfg.variant == "mf":  # MF has no trained guidance: neutral condition tokens
+        omega, t_min, t_max = torch.ones_like(t), torch.zeros_like(t), torch.ones_like(t)
+    else:
+        t_min = torch.where(fm_mask, 0.0, 0.5 * _rand((B,), gen, x, False))
+        t_max = torch.where(fm_mask, 1.0, 0.5 + 0.5 * _rand((B,), gen, x, False))
+        omega = sample_omega(_rand((B,), gen, x, False), cfg)
+    # The first num_drop samples get the null class, num_drop ~ Binomial(B, p).
+    num_drop = (_rand((B,), gen, x, False) < cfg.class_dropout_prob).sum()
+    drop_mask = torch.arange(B, device=x.device) < num_drop
+    return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop_mask)
+
+
+####################################################################################################
+#                                         Helpers                                                  #
+####################################################################################################
+
+def bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against like (B, C, *S)."""
+    return s.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def per_sample_sq(a: torch.Tensor) -> torch.Tensor:
+    """Sum of squares over every non-batch dim: (B, ...) -> (B,)."""
+    return a.pow(2).flatten(1).sum(1)
+
+
+def adaptive_weight(loss: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """L / sg((L + eps)^p): every sample contributes about 1 whatever its scale."""
+    return loss / (loss + cfg.norm_eps).pow(cfg.norm_p).detach()
+
+
+def guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, num_classes: int):
+    """CFG target v_g and JVP tangent v_c from the v-head (iMF/pMF); no gradient flows.
+
+    Pass 1 (one doubled batch): conditional v with omega, unconditional v (null class, omega 1).
+    Pass 2: conditional v with omega set to 1 outside [t_min, t_max]: the tangent.
+    Flow-matching samples use pass 1's v_g (their interval is [0, 1]).
+    """
+    with torch.no_grad():
+        B = z_t.shape[0]
+        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+        null = torch.full_like(y, num_classes)
+        _, vv = apply(params, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([zeros, zeros]),
+                      torch.cat([d.omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
+                      torch.cat([y, null]), heads="v")                              # (2B, C, *S)
+        v_c, v_u = vv[:B], vv[B:]
+        v_g_fm = v_t + bcast(1 - 1 / d.omega, v_t) * (v_c - v_u)
+        w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
+        _, v_c = apply(params, z_t, t, zeros, w, zeros, ones, y, heads="v")
+        v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
+        v_g = torch.where(bcast(d.fm_mask, v_t), v_g_fm, v_g)
+    return v_g, v_c
+
+
+def drop_labels(y, v_t, v_g, d: Draws, num_classes: int):
+    """Dropped samples condition on the null class and regress the unguided v_t."""
+    y_in = torch.where(d.drop_mask, num_classes, y)
+    return y_in, torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
+
+
+####################################################################################################
+#                                         Objectives                                               #
+####################################################################################################
+
+def imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
+                        cfg: ObjectiveConfig, perceptual: Callable | None = None):
+    """iMF (and pMF) loss for fixed draws: compound V = u + (t - r) sg(du/dt) against v_g.
+
+    Args:
+        x: (B, C, *S) data; y: (B,) int64 labels.
+        perceptual: pMF only, `perceptual(pred_x, x) -> (B,)` per-sample distance, or None.
+    Returns:
+        loss (scalar), metrics dict of detached scalars.
+    """
+    t, r = d.t, d.r
+    tb = bcast(t, x)
+    z_t = (1 - tb) * x + tb * d.e
+    # pMF writes v_t through x so that v_t and the net's u share the clip at t = 0.05.
+    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    v_g, v_c = guidance(apply, params, z_t, t, v_t, y, d, cfg.num_classes)
+    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
+
+    def u_fn(z, t_, r_):
+        u, v = apply(params, z, t_, t_ - r_, d.omega, d.t_min, d.t_max, y_in, heads="uv")
+        return u, v  # u is differentiated; v rides along as aux (primal only)
+
+    # Tangent (v_c, 1, 0): the total derivative d/dt along the conditional flow.
+    u, du_dt, v = torch.func.jvp(u_fn, (z_t, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)),
+                                 has_aux=True)
+    V = u + bcast(t - r, u) * du_dt.detach()     # stop-grad: du/dt is part of the target
+    v_g = v_g.detach()                           # stop-grad: the regression target
+    loss_u = adaptive_weight(per_sample_sq(V - v_g), cfg)
+    loss_v = adaptive_weight(per_sample_sq(v - v_g), cfg)
+    loss = loss_u + loss_v
+    metrics = {"loss_u": (V - v_g).pow(2).mean().detach(), "loss_v": (v - v_g).pow(2).mean().detach()}
+    if perceptual is not None and cfg.variant == "pmf":
+        pred_x = z_t - tb * u
+        dist = torch.where(t < cfg.perceptual_max_t, perceptual(pred_x, x), 0.0)
+        loss = loss + cfg.perceptual_weight * adaptive_weight(dist, cfg)
+        metrics["loss_perceptual"] = dist.mean().detach()
+    loss = loss.mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
+                       cfg: ObjectiveConfig):
+    """Original MeanFlow loss for fixed draws: u against sg(v_g - clip(t - r, 0, 1) du/dt)."""
+    t, r = d.t, d.r
+    tb = bcast(t, x)
+    z_t = (1 - tb) * x + tb * d.e
+    v_t = d.e - x
+    v_g = v_t
+    if cfg.mf_omega != 1.0:
+        with torch.no_grad():  # guidance target from the unconditional instantaneous velocity u(z, t, t)
+            null = torch.full_like(y, cfg.num_classes)
+            u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
+        v_g = cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
+
+    def u_fn(z, t_, r_):
+        return apply(params, z, t_, t_ - r_, d.omega, d.t_min, d.t_max, y_in, heads="u")[0]
+
+    u, du_dt = torch.func.jvp(u_fn, (z_t, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
+    u_tgt = (v_g - bcast((t - r).clamp(0, 1), u) * du_dt).detach()   # stop-grad target
+    loss = adaptive_weight(per_sample_sq(u - u_tgt), cfg).mean()
+    return loss, {"loss": loss.detach(), "loss_u": (u - u_tgt).pow(2).mean().detach()}
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, cfg: ObjectiveConfig, variant: str):
+    if cfg.variant != variant:
+        raise ValueError(f"{variant}_loss got a config for variant {cfg.variant!r}")
+    if x.dim() not in (4, 5) or y.shape != x.shape[:1]:
+        raise ValueError(f"expected x (B, C, H, W) or (B, C, D, H, W) and y (B,), got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}")
+
+
+def mf_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+            cfg: ObjectiveConfig):
+    """MeanFlow loss (Geng et al.): draws then `mf_loss_from_draws`."""
+    _check(x, y, cfg, "mf")
+    return mf_loss_from_draws(apply, params, x, y, draw(x, gen, cfg), cfg)
+
+
+def imf_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+             cfg: ObjectiveConfig):
+    """Improved MeanFlow loss: v-head tangent, CFG trained in, loss_u + loss_v."""
+    _check(x, y, cfg, "imf")
+    return imf_loss_from_draws(apply, params, x, y, draw(x, gen, cfg), cfg)
+
+
+def pmf_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+             cfg: ObjectiveConfig, perceptual: Callable | None = None):
+    """Pixel MeanFlow loss: the iMF loss with x-prediction in the net and optional perceptual term."""
+    _check(x, y, cfg, "pmf")
+    return imf_loss_from_draws(apply, params, x, y, draw(x, gen, cfg), cfg, perceptual)
+
+
+LOSSES = {"mf": mf_loss, "imf": imf_loss, "pmf": pmf_loss}
