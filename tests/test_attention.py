@@ -18,7 +18,7 @@ def test_torch_backend_matches_math_attention(B, H, N, D, dtype, tol):
     q, k, v, dq, dk, dv, do = (mk() for _ in range(7))
     scale = D ** -0.5
     o_ref, t_ref = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, scale), (q, k, v), (dq, dk, dv))
-    cast = lambda *xs: [x.to(dtype) for x in xs]
+    cast = lambda *xs: tuple(x.to(dtype) for x in xs)
     o, t = torch.func.jvp(lambda a, b, c: attention(a, b, c, backend="torch"), cast(q, k, v), cast(dq, dk, dv))
     torch.testing.assert_close(o.double(), o_ref, atol=tol, rtol=tol)
     torch.testing.assert_close(t.double(), t_ref, atol=10 * tol, rtol=10 * tol)
