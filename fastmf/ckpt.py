@@ -1,0 +1,175 @@
+"""Atomic safetensors checkpoints (never pickle) and the state needed to resume exactly.
+
+One checkpoint is one .safetensors file: tensors under grouped names ("params.<name>",
+"ema.<name>", "opt.<param>.<key>", "rng.<name>") and a JSON `meta` dict in the file's metadata,
+so one os.replace publishes tensors and meta together.
+
+    tensors = flatten_state({"params": params, "ema": ema, "opt": opt_t, "rng": rng_t})
+    save_checkpoint(path, tensors, {"step": step, "opt": opt_meta, "config": ...})
+    groups = unflatten_state(load_checkpoint(path)[0])
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_META_KEY = "fastmf_meta"
+
+
+def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    """Write `tensors` and JSON-serialisable `meta` to `path` (.safetensors) atomically.
+
+    The file is written to a temporary name in the same folder, flushed to disk, then renamed
+    over `path`: a crash at any point leaves either the old checkpoint or the new one.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    try:
+        meta_json = json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta is not JSON-serialisable: {e}") from e
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory (tied weights, views): copy repeats.
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in storages else t
+        storages.add(ptr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(out, str(tmp), metadata={_META_KEY: meta_json})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if os.name == "posix":  # persist the rename itself; Windows cannot open a folder to fsync
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint -> (tensors on CPU, meta). Files without fastmf meta give meta {}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta_json = (f.metadata() or {}).get(_META_KEY, "{}")
+        meta = json.loads(meta_json)
+    except Exception as e:  # safetensors and json raise their own types for damaged files
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from e
+    return tensors, meta
+
+
+def flatten_state(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{"params": {"w": t}, "ema": {...}} -> {"params.w": t, "ema....": ...}."""
+    flat = {}
+    for group, tensors in groups.items():
+        if not group or "." in group:
+            raise ValueError(f"state group names must be non-empty and dot-free, got {group!r}")
+        flat.update({f"{group}.{name}": t for name, t in tensors.items()})
+    return flat
+
+
+def unflatten_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of flatten_state: split each name at its first dot."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        group, sep, name = key.partition(".")
+        if not sep:
+            raise ValueError(f"checkpoint tensor name {key!r} has no 'group.' prefix")
+        groups.setdefault(group, {})[name] = t
+    return groups
+
+
+def optimizer_state_to_tensors(opt: torch.optim.Optimizer, names: Sequence[str] | None = None
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state -> (tensors "<param>.<key>", JSON meta with param_groups).
+
+    `names` label the parameters in the optimizer's order (e.g. list(params) of a params dict);
+    by default they are indices. Non-tensor state values go into the meta.
+    """
+    sd = opt.state_dict()
+    n_params = sum(len(g["params"]) for g in sd["param_groups"])
+    names = [str(i) for i in range(n_params)] if names is None else list(names)
+    if len(names) != n_params or len(set(names)) != n_params:
+        raise ValueError(f"need {n_params} distinct parameter names, got {len(names)} "
+                         f"({len(set(names))} distinct)")
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[idx]}.{key}"] = value
+            else:
+                scalars.setdefault(names[idx], {})[key] = value
+    for group in sd["param_groups"]:
+        for key, value in group.items():
+            if isinstance(value, torch.Tensor):
+                raise ValueError(f"optimizer param_group entry {key!r} is a tensor; use a float")
+    return tensors, {"names": names, "param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                         meta: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
+    """Restore state saved by optimizer_state_to_tensors into `opt` (same parameters and order).
+
+    `names` must match those given when saving (default: indices).
+    """
+    current = opt.state_dict()["param_groups"]
+    n_params = sum(len(g["params"]) for g in current)
+    names = [str(i) for i in range(n_params)] if names is None else list(names)
+    saved_names = list(meta["names"])
+    if names != saved_names:
+        i = next(i for i, (a, b) in enumerate(zip(names + [None], saved_names + [None])) if a != b)
+        raise ValueError(f"optimizer parameters differ from the checkpoint's ({len(names)} now, "
+                         f"{len(saved_names)} saved): #{i} is {(names + [None])[i]!r} now, "
+                         f"{(saved_names + [None])[i]!r} saved")
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        # Parameter names may contain dots; state keys (exp_avg, step, ...) do not.
+        name, _, field = key.rpartition(".")
+        if name not in index:
+            raise ValueError(f"optimizer tensor {key!r} names no parameter of this optimizer")
+        state.setdefault(index[name], {})[field] = t
+    for name, fields in meta["scalars"].items():
+        state.setdefault(index[name], {}).update(fields)
+    groups = []
+    for saved, now in zip(meta["param_groups"], current):
+        # JSON turned tuples such as Adam's betas into lists; give them back their type.
+        groups.append({k: tuple(v) if isinstance(now.get(k), tuple) else v
+                       for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state_to_tensors(generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """{name: generator} -> {name: uint8 state tensor}. fastmf draws all randomness from such
+    explicit generators, so they are the whole RNG state of a run."""
+    return {name: g.get_state() for name, g in generators.items()}
+
+
+def load_rng_state(generators: Mapping[str, torch.Generator],
+                   tensors: Mapping[str, torch.Tensor]) -> None:
+    """Set each generator to its saved state; every generator must have one."""
+    missing = sorted(set(generators) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint has no RNG state for generators {missing}")
+    for name, g in generators.items():
+        g.set_state(tensors[name])

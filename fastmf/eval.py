@@ -1,0 +1,113 @@
+"""Quality metrics for generated samples: a digits classifier check and the Frechet distance.
+
+    judge = DigitsJudge()                    # SVC on the digits training split (~0.1 s)
+    judge.agreement(samples, labels)         # fraction classified as their conditioning label
+    digits_report(samples, labels)           # agreement, Frechet distances, judge accuracy
+
+The Frechet distance for digits is computed on the 64 raw pixels: of the features we measured
+they react most to degraded samples. Adding N(0, 0.3) pixel noise to 360 real digits raises the
+pixel distance 2.6x, but PCA-16 features only 1.4x and the SVC decision function only 1.2x.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from fastmf.data import load_digits
+
+
+def _as_numpy(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def frechet_distance(feat_a: torch.Tensor | np.ndarray, feat_b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussian fits of two feature sets (N_a, D) and (N_b, D).
+
+    |mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2), in float64. The
+    symmetric form needs only eigh, so it is real and stable even for singular covariances.
+    """
+    a, b = _as_numpy(feat_a).astype(np.float64), _as_numpy(feat_b).astype(np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be (N, D) with equal D, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need >= 2 samples per feature set, got {len(a)} and {len(b)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("features contain NaN or inf")
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False))  # D = 1 would give a scalar
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = sqrt_a @ cov_b @ sqrt_a
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    d = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross
+    return float(max(d, 0.0))  # rounding can leave a tiny negative for identical sets
+
+
+class DigitsJudge:
+    """An RBF SVC trained on the digits training split; judges samples (N, 1, 8, 8) in [-1, 1].
+
+    `accuracy` is its own accuracy on the held-out split (about 0.99), the ceiling for agreement.
+    """
+
+    def __init__(self, seed: int = 0):
+        from sklearn.svm import SVC  # imported here: scikit-learn takes about a second to import
+
+        x_train, y_train = load_digits("train", seed)
+        x_test, y_test = load_digits("test", seed)
+        self.train_pixels = x_train.reshape(len(x_train), -1).numpy().astype(np.float64)
+        self.test_pixels = x_test.reshape(len(x_test), -1).numpy().astype(np.float64)
+        self.classifier = SVC(C=10.0).fit(self.train_pixels, y_train.numpy())
+        self.accuracy = float(self.classifier.score(self.test_pixels, y_test.numpy()))
+
+    def pixels(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Samples (N, 1, 8, 8) -> (N, 64) float64, clipped to [-1, 1] as a saved image would be."""
+        s = _as_numpy(samples)
+        if s.ndim != 4 or s.shape[1:] != (1, 8, 8) or len(s) == 0:
+            raise ValueError(f"digit samples must have shape (N, 1, 8, 8), got {s.shape}")
+        if not np.isfinite(s).all():
+            raise ValueError("digit samples contain NaN or inf")
+        return np.clip(s.reshape(len(s), 64).astype(np.float64), -1.0, 1.0)
+
+    def predict(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Predicted class (N,) of each sample."""
+        return self.classifier.predict(self.pixels(samples))
+
+    def agreement(self, samples: torch.Tensor | np.ndarray,
+                  labels: torch.Tensor | np.ndarray) -> float:
+        """Fraction of samples classified as their conditioning label (0..9)."""
+        lab = _as_numpy(labels)
+        if lab.shape != (len(samples),) or not np.issubdtype(lab.dtype, np.integer) \
+                or lab.min() < 0 or lab.max() > 9:
+            raise ValueError(f"labels must be {len(samples)} integers in 0..9, got {lab.dtype} "
+                             f"of shape {lab.shape}")
+        return float((self.predict(samples) == lab).mean())
+
+
+@functools.lru_cache(maxsize=1)
+def default_judge() -> DigitsJudge:
+    """The shared judge (seed 0 split), trained once per process."""
+    return DigitsJudge()
+
+
+def digits_report(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                  judge: DigitsJudge | None = None) -> dict[str, float]:
+    """Quality of class-conditional digit samples (N, 1, 8, 8) in [-1, 1], N >= 2.
+
+    agreement:       fraction classified as their label (judge_accuracy is its ceiling)
+    frechet:         pixel Frechet distance of the samples to the held-out digits
+    frechet_real:    the same for N real training digits (the floor; the distance grows as N
+                     shrinks, so compare frechet with this, not with 0)
+    judge_accuracy:  the judge's own held-out accuracy
+    """
+    judge = default_judge() if judge is None else judge
+    pixels = judge.pixels(samples)
+    n = min(len(pixels), len(judge.train_pixels))
+    return {
+        "agreement": judge.agreement(samples, labels),
+        "frechet": frechet_distance(pixels, judge.test_pixels),
+        # The training split is shuffled, so its first n digits are a random real sample.
+        "frechet_real": frechet_distance(judge.train_pixels[:n], judge.test_pixels),
+        "judge_accuracy": judge.accuracy,
+    }
