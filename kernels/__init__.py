@@ -3,5 +3,6 @@
 This package knows nothing of fastmf; fastmf imports it.
 """
 from kernels.attention import attention
+from kernels.loss import adaptive_sq_loss
 
-__all__ = ["attention"]
+__all__ = ["adaptive_sq_loss", "attention"]
