@@ -72,8 +72,8 @@ class _TorchAttention(torch.autograd.Function):
 
 
 def _pick_backend(q: torch.Tensor, backend: str) -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"attention backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend not in ("auto", "torch", "triton", "sdpa"):
+        raise ValueError(f"attention backend must be 'auto', 'torch', 'triton' or 'sdpa', got {backend!r}")
     if backend == "auto":
         return "triton" if q.is_cuda and _triton_available() else "torch"
     return backend
@@ -95,7 +95,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         q, k, v: (B, H, N, D) queries, keys, values (any strides).
         scale: softmax scale, default 1 / sqrt(D).
         backend: "torch" (math reference, any device), "triton" (flash kernels; CUDA, or CPU under
-            TRITON_INTERPRET=1) or "auto" (triton on CUDA, else torch).
+            TRITON_INTERPRET=1), "auto" (triton on CUDA, else torch) or "sdpa" (PyTorch's fused
+            attention: forward and backward only, no forward-mode rule; for baselines and sampling).
     Returns:
         o: (B, H, N, D) in q's dtype.
     """
@@ -103,7 +104,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         raise ValueError(f"attention expects q, k, v of equal shape (B, H, N, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _pick_backend(q, backend) == "triton":
+    backend = _pick_backend(q, backend)
+    if backend == "sdpa":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    if backend == "triton":
         from kernels.attention_triton import triton_attention
         return triton_attention(q, k, v, scale)
     return _TorchAttention.apply(q, k, v, scale)
