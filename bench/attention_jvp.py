@@ -1,0 +1,200 @@
+"""Time attention forward + JVP and backward: triton backend vs math attention vs SDPA flash.
+
+    python -m bench.attention_jvp --out attention_jvp.json              # CUDA: N = 256 .. 16384
+    python -m bench.attention_jvp --seq-lens 1024 4096 --batch 2        # a subset
+
+Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a train step):
+  triton fwd      kernels.attention(backend="triton"), primal only
+  triton fwd+jvp  the same under torch.func.jvp (O and dO in one fused pass)
+  triton bwd      backward of the jvp's primal output (flash backward from the saved LSE)
+  math fwd+jvp    softmax(s Q K^T) V as plain ops under torch.func.jvp (N x N tensors)
+  math bwd        its backward
+  sdpa fwd / bwd  torch SDPA pinned to the flash backend: the forward-only cost floor
+Times are medians of CUDA-event-timed calls; memory is the peak allocated on top of the inputs
+(for bwd: on top of inputs + forward outputs/graph). A case that runs out of memory is "OOM".
+Ratios are taken within this run only. Without CUDA the script runs one tiny configuration in
+the Triton interpreter to check itself; its timings mean nothing.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Literal
+
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+import tyro  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from kernels import attention  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Args:
+    seq_lens: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    batch: int = 4
+    heads: int = 12
+    head_dim: int = 64
+    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+    reps: int = 10
+    """Timed calls per case (after 2 warm-up calls, which include Triton autotuning)."""
+    out: str | None = None
+    """Also write the results as JSON here."""
+
+
+def math_attention(q, k, v):
+    return torch.softmax(q.shape[-1] ** -0.5 * q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def triton_attention(q, k, v):
+    return attention(q, k, v, backend="triton")
+
+
+def sdpa(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # launches are asynchronous: time the work, not the launch
+
+
+def _measure(fn, reps: int) -> dict:
+    """Median time of fn() and the peak memory one call allocates beyond what is live before."""
+    for _ in range(2):
+        fn()
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    result = {"ms": round(statistics.median(times), 4)}
+    if torch.cuda.is_available():
+        result["peak_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    return result
+
+
+def _case(name: str, fwd, jvp: bool, inputs, reps: int, backward: bool = True) -> dict:
+    """{"name fwd[+jvp]": ..., "name bwd": ...} (bwd only if asked), each a timing or "OOM"."""
+    q, k, v, tq, tk, tv, grad_o = inputs
+    label = f"{name} fwd+jvp" if jvp else f"{name} fwd"
+    run = (lambda: torch.func.jvp(fwd, (q, k, v), (tq, tk, tv))[0]) if jvp else (lambda: fwd(q, k, v))
+    results = {}
+    try:
+        results[label] = _measure(run, reps)
+        if backward:
+            o = run()
+            results[f"{name} bwd"] = _measure(
+                lambda: torch.autograd.grad(o, (q, k, v), grad_o, retain_graph=True), reps)
+    except torch.OutOfMemoryError:
+        results.setdefault(label, "OOM")
+        if backward:
+            results[f"{name} bwd"] = "OOM"
+    finally:
+        o = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+def _ratio(results: dict, num: str, den: str):
+    a, b = results.get(num), results.get(den)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return round(a["ms"] / b["ms"], 2)
+    return None
+
+
+def main(args: Args) -> dict:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("bench.attention_jvp: no CUDA, so one tiny fp32 sanity case runs in the Triton "
+              "interpreter; its timings are meaningless")
+        args = dataclasses.replace(args, seq_lens=(40,), batch=1, heads=2, head_dim=16, dtype="fp32",
+                                   reps=1)
+    device, dtype = ("cuda" if cuda else "cpu"), DTYPES[args.dtype]
+    device_name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
+    print(f"device: {device_name}; (B, H, D) = ({args.batch}, {args.heads}, {args.head_dim}), "
+          f"{args.dtype}; cells: median ms (peak MiB)")
+    rows = []
+    for n in args.seq_lens:
+        gen = torch.Generator().manual_seed(n)
+        shape = (args.batch, args.heads, n, args.head_dim)
+        q, k, v, tq, tk, tv, grad_o = (torch.randn(shape, generator=gen).to(device, dtype)
+                                       for _ in range(7))
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        inputs = (q, k, v, tq, tk, tv, grad_o)
+        # triton's backward is timed once, after the jvp (the MeanFlow pattern)
+        results = _case("triton", triton_attention, False, inputs, args.reps, backward=False)
+        results |= _case("triton", triton_attention, True, inputs, args.reps)
+        results |= _case("math", math_attention, True, inputs, args.reps)
+        if cuda:  # the flash SDPA backend exists on CUDA only
+            results |= _case("sdpa", sdpa, False, inputs, args.reps)
+        ratios = {
+            "math/triton fwd+jvp": _ratio(results, "math fwd+jvp", "triton fwd+jvp"),
+            "math/triton bwd": _ratio(results, "math bwd", "triton bwd"),
+            "triton fwd+jvp / sdpa fwd": _ratio(results, "triton fwd+jvp", "sdpa fwd"),
+            "triton fwd / sdpa fwd": _ratio(results, "triton fwd", "sdpa fwd"),
+            "triton bwd / sdpa bwd": _ratio(results, "triton bwd", "sdpa bwd"),
+        }
+        rows.append({"N": n, "results": results, "ratios": ratios})
+        _print_row(rows[-1], header=len(rows) == 1)
+        del q, k, v, tq, tk, tv, grad_o, inputs
+
+    report = {
+        "bench": "attention_jvp",
+        "device": device_name,
+        "torch": torch.__version__,
+        "shape": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim},
+        "dtype": args.dtype, "reps": args.reps, "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+COLUMNS = ["triton fwd", "triton fwd+jvp", "triton bwd", "math fwd+jvp", "math bwd", "sdpa fwd",
+           "sdpa bwd"]
+RATIOS = ["math/triton fwd+jvp", "math/triton bwd", "triton fwd+jvp / sdpa fwd",
+          "triton fwd / sdpa fwd", "triton bwd / sdpa bwd"]
+
+
+def _print_row(row: dict, header: bool) -> None:
+    def cell(r):
+        if r is None:
+            return "-"
+        if r == "OOM":
+            return "OOM"
+        return f"{r['ms']:.3f} ({r['peak_MiB']:.0f})" if "peak_MiB" in r else f"{r['ms']:.3f}"
+
+    if header:
+        print(f"{'N':>6} " + " ".join(f"{c:>15}" for c in COLUMNS) + " | " + " | ".join(RATIOS))
+    print(f"{row['N']:>6} " + " ".join(f"{cell(row['results'].get(c)):>15}" for c in COLUMNS)
+          + " | " + " | ".join(f"{'-' if row['ratios'][r] is None else row['ratios'][r]:>{len(r)}}"
+                               for r in RATIOS))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

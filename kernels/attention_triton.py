@@ -1,0 +1,368 @@
+"""Flash attention in Triton: a forward that also computes the output tangent, and a flash backward.
+
+Same math as the torch backend in kernels/attention.py (s = scale, P = softmax(s Q K^T)):
+    O  = P V
+    dO = P (dS V + dV) - rowsum(P * dS) O,     dS = s (dQ K^T + Q dK^T)
+computed block by block with one online softmax (running max m shared by primal and tangent), so
+no N x N tensor ever exists. Backward is the ordinary FlashAttention-2 backward of the primal: P is
+recomputed from the saved log-sum-exp. The tangent is stop-grad in every MeanFlow loss, so it is
+never differentiated.
+
+Tangents reach the fused kernel because `triton_attention` unpacks them from the dual inputs
+(`forward_ad.unpack_dual` sees both `torch.func.jvp` and `torch.autograd.forward_ad` duals) and
+passes them to the autograd.Function as extra inputs; `jvp` then returns the tangent the forward
+already computed. Only first-order forward mode is supported: a jvp nested in a jvp would need
+the kernels themselves to be forward-differentiable.
+
+Runs on CUDA, or on CPU in the Triton interpreter (TRITON_INTERPRET=1 set before importing triton).
+"""
+import os
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import triton
+import triton.language as tl
+from torch._functorch import eager_transforms
+
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256  # larger tiles no longer fit registers / shared memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+def _configs(tiles):
+    """Autotune candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+
+    The interpreter runs each tile as numpy arrays, where timing means nothing and every extra
+    config would be benchmarked by re-running the kernel: it gets one config (the autotuner then
+    skips benchmarking), 32 x 32 to keep the Python-level loop short at test sizes.
+    """
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in tiles]
+
+
+def _prune(configs, named_args, **_):
+    """Drop tiles longer than the (power-of-two padded) sequence: they only compute padding."""
+    n = max(16, triton.next_power_of_2(named_args["N"]))
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= n and c.kwargs["BLOCK_N"] <= n]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_PRUNE = {"early_config_prune": _prune}
+# Query-major kernels (forward, dQ) favour tall query tiles; the dK/dV kernel the transpose.
+_QUERY_MAJOR = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                         (32, 32, 4, 2)])
+_KEY_MAJOR = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                       (32, 32, 4, 2)])
+
+
+@triton.jit
+def _head(base, strides, b, h):
+    # Start of one (batch, head) slice; int64 because B*H*N*D can exceed 2**31 elements.
+    return base + b.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[1]
+
+
+@triton.jit
+def _load_rows(head, strides, rows, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # (len(rows), BLOCK_D) tile; rows >= N and padded head-dim columns read as zero, so they add
+    # nothing to any dot product.
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = head + rows[:, None] * strides[2] + cols[None, :] * strides[3]
+    return tl.load(ptrs, mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(head, strides, rows, N, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = head + rows[:, None] * strides[2] + cols[None, :] * strides[3]
+    tl.store(ptrs, tile.to(head.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM", "TANGENT_Q", "TANGENT_K", "TANGENT_V"],
+                 prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
+              q_strides, k_strides, v_strides, tq_strides, tk_strides, tv_strides,
+              o_strides, to_strides,
+              H, N, scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              TANGENT_Q: tl.constexpr, TANGENT_K: tl.constexpr, TANGENT_V: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query block, batch, head): O, its log-sum-exp and, if any tangent is given, dO.
+
+    Online softmax over key blocks with p~ = exp(s q.k - m) for the running row max m; every
+    accumulator is rescaled by alpha = exp(m_old - m_new) when m grows:
+        l = sum p~,  acc_o = sum p~ V,  mu = sum p~ dS,  acc_t = sum (p~ dS) V + p~ dV
+    and at the end O = acc_o / l, dO = acc_t / l - (mu / l) O (the TANGENT_* flags drop the
+    terms of missing tangents at compile time).
+    """
+    TANGENT_S: tl.constexpr = TANGENT_Q or TANGENT_K   # dS is zero without dQ and dK
+    TANGENT: tl.constexpr = TANGENT_S or TANGENT_V
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # (BLOCK_M,)
+    q_head, k_head, v_head = _head(Q, q_strides, b, h), _head(K, k_strides, b, h), _head(V, v_strides, b, h)
+    tk_head, tv_head = _head(TK, tk_strides, b, h), _head(TV, tv_strides, b, h)
+    q = _load_rows(q_head, q_strides, rows, N, HEAD_DIM, BLOCK_D)         # (BLOCK_M, BLOCK_D)
+    if TANGENT_Q:
+        tq = _load_rows(_head(TQ, tq_strides, b, h), tq_strides, rows, N, HEAD_DIM, BLOCK_D).to(q.dtype)
+    qk_scale = scale * LOG2E
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    mu = tl.zeros((BLOCK_M,), tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_head, v_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale    # (BLOCK_M, BLOCK_N)
+        s = tl.where(cols[None, :] < N, s, float("-inf"))                   # keys past N get p = 0
+        m_new = tl.maximum(m, tl.max(s, 1))   # finite: every block holds at least one real key
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                                     # (BLOCK_M, BLOCK_N)
+        l = l * alpha + tl.sum(p, 1)
+        acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
+        if TANGENT:
+            acc_t = acc_t * alpha[:, None]
+        if TANGENT_S:
+            ds = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)                   # dS / scale
+            if TANGENT_Q:
+                ds = tl.dot(tq, tl.trans(k), ds, input_precision=PRECISION)
+            if TANGENT_K:
+                tk = _load_rows(tk_head, tk_strides, cols, N, HEAD_DIM, BLOCK_D).to(q.dtype)
+                ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
+            p_ds = p * (ds * scale)                                         # (BLOCK_M, BLOCK_N)
+            mu = mu * alpha + tl.sum(p_ds, 1)
+            acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
+        if TANGENT_V:
+            tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D).to(v.dtype)
+            acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
+        m = m_new
+
+    o = acc_o / l[:, None]                                                  # (BLOCK_M, BLOCK_D)
+    _store_rows(_head(O, o_strides, b, h), o_strides, rows, N, o, HEAD_DIM, BLOCK_D)
+    lse = (m + tl.log2(l)) / LOG2E                                          # natural log-sum-exp
+    tl.store(LSE + (b * H + h).to(tl.int64) * N + rows, lse, mask=rows < N)
+    if TANGENT:
+        t = acc_t / l[:, None] - (mu / l)[:, None] * o
+        _store_rows(_head(TO, to_strides, b, h), to_strides, rows, N, t, HEAD_DIM, BLOCK_D)
+
+
+@triton.autotune(_KEY_MAJOR, key=["N", "HEAD_DIM"], prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV,
+                   q_strides, k_strides, v_strides, go_strides, dk_strides, dv_strides,
+                   H, N, scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (key block, batch, head): dK and dV, looping over all query blocks (no atomics).
+
+    With P^T recomputed from the log-sum-exp and Delta = rowsum(dO * O) = rowsum(P * dP):
+        dV = P^T dO,  dS^T = P^T * (V dO^T - Delta),  dK = scale dS^T Q
+    """
+    pid_n, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # (BLOCK_N,) keys
+    q_head, go_head = _head(Q, q_strides, b, h), _head(GO, go_strides, b, h)
+    k = _load_rows(_head(K, k_strides, b, h), k_strides, cols, N, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(_head(V, v_strides, b, h), v_strides, cols, N, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    row_stats = (b * H + h).to(tl.int64) * N
+    qk_scale = scale * LOG2E
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)                              # (BLOCK_M,) queries
+        q = _load_rows(q_head, q_strides, rows, N, HEAD_DIM, BLOCK_D)       # (BLOCK_M, BLOCK_D)
+        go = _load_rows(go_head, go_strides, rows, N, HEAD_DIM, BLOCK_D)    # (BLOCK_M, BLOCK_D)
+        # lse = +inf past N makes those queries' probabilities exactly 0
+        lse = tl.load(LSE + row_stats + rows, mask=rows < N, other=float("inf"))
+        delta = tl.load(DELTA + row_stats + rows, mask=rows < N, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)             # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
+        dv = tl.dot(p_t.to(go.dtype), go, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(go), input_precision=PRECISION)           # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+
+    _store_rows(_head(DK, dk_strides, b, h), dk_strides, cols, N, dk * scale, HEAD_DIM, BLOCK_D)
+    _store_rows(_head(DV, dv_strides, b, h), dv_strides, cols, N, dv, HEAD_DIM, BLOCK_D)
+
+
+@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM"], prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, GO, LSE, DELTA, DQ,
+                 q_strides, k_strides, v_strides, go_strides, dq_strides,
+                 H, N, scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query block, batch, head): dQ = scale (P * (dO V^T - Delta)) K over all key blocks."""
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BLOCK_M,)
+    k_head, v_head = _head(K, k_strides, b, h), _head(V, v_strides, b, h)
+    q = _load_rows(_head(Q, q_strides, b, h), q_strides, rows, N, HEAD_DIM, BLOCK_D)      # (BLOCK_M, BLOCK_D)
+    go = _load_rows(_head(GO, go_strides, b, h), go_strides, rows, N, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    row_stats = (b * H + h).to(tl.int64) * N
+    lse = tl.load(LSE + row_stats + rows, mask=rows < N, other=float("inf"))
+    delta = tl.load(DELTA + row_stats + rows, mask=rows < N, other=0.0)
+    qk_scale = scale * LOG2E
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_head, v_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)               # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E)
+        p = tl.where(cols[None, :] < N, p, 0.0)                             # zero keys past N
+        dp = tl.dot(go, tl.trans(v), input_precision=PRECISION)             # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+    _store_rows(_head(DQ, dq_strides, b, h), dq_strides, rows, N, dq * scale, HEAD_DIM, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 tiles use tensor cores like torch's fp32 matmuls: plain tf32 where torch allows it,
+    # else 3-pass tf32 (about fp32 accuracy). fp16/bf16 dots ignore the setting.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
+
+
+def _tile_meta(q: torch.Tensor) -> dict:
+    d = q.shape[-1]
+    # tl.arange and tl.dot need a power of two >= 16; columns past D are masked to zero
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                PRECISION=_dot_precision(q.dtype))
+
+
+def _flash_forward(q, k, v, q_t, k_t, v_t, scale):
+    """(O, log-sum-exp, dO) in one pass; dO is None when every tangent is None (= zero)."""
+    B, H, N, _ = q.shape
+    o = q.new_empty(q.shape)                                                # (B, H, N, D)
+    lse = q.new_empty((B, H, N), dtype=torch.float32)                       # (B, H, N)
+    has_tangent = q_t is not None or k_t is not None or v_t is not None
+    o_t = q.new_empty(q.shape) if has_tangent else None                    # (B, H, N, D)
+    # A missing tangent gets a stand-in pointer; its TANGENT_* flag compiles every load away.
+    tq, tk, tv, to = (o if t is None else t for t in (q_t, k_t, v_t, o_t))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, tq, tk, tv, o, to, lse,
+                    q.stride(), k.stride(), v.stride(), tq.stride(), tk.stride(), tv.stride(),
+                    o.stride(), to.stride(),
+                    H, N, scale,
+                    TANGENT_Q=q_t is not None, TANGENT_K=k_t is not None, TANGENT_V=v_t is not None,
+                    **_tile_meta(q))
+    return o, lse, o_t
+
+
+def _flash_backward(q, k, v, o, lse, grad_o, scale):
+    """dQ, dK, dV of the primal from the saved log-sum-exp (no N x N tensor)."""
+    B, H, N, _ = q.shape
+    grad_o = grad_o.to(q.dtype)  # the kernels' dots need one operand dtype
+    delta = (grad_o.float() * o.float()).sum(-1).contiguous()              # (B, H, N)
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))                 # (B, H, N, D) each
+    meta = _tile_meta(q)
+    _attn_bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B, H)](
+        q, k, v, grad_o, lse, delta, dk, dv,
+        q.stride(), k.stride(), v.stride(), grad_o.stride(), dk.stride(), dv.stride(),
+        H, N, scale, **meta)
+    _attn_bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B, H)](
+        q, k, v, grad_o, lse, delta, dq,
+        q.stride(), k.stride(), v.stride(), grad_o.stride(), dq.stride(),
+        H, N, scale, **meta)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+
+class _FlashAttention(torch.autograd.Function):
+    """Flash attention whose forward also takes the input tangents and returns (O, lse, dO).
+
+    Forward AD hands tangents only to `jvp`, after `forward` has run; `triton_attention` therefore
+    passes them in as ordinary inputs so one kernel pass produces O and dO, and `jvp` returns the
+    dO it saved. lse and dO are non-differentiable outputs: backward differentiates O only.
+    """
+
+    @staticmethod
+    def forward(q, k, v, q_t, k_t, v_t, scale):
+        return _flash_forward(q, k, v, q_t, k_t, v_t, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, _, _, scale = inputs
+        o, lse, o_t = output
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, o, lse)
+        if o_t is None:
+            ctx.mark_non_differentiable(lse)
+        else:
+            ctx.mark_non_differentiable(lse, o_t)
+            ctx.save_for_forward(o_t)
+
+    @staticmethod
+    def jvp(ctx, *_input_tangents):
+        # The same tangents were unpacked from the dual inputs and went through the fused kernel.
+        if not ctx.saved_tensors:
+            raise RuntimeError("triton attention: forward AD reached jvp without the tangents "
+                               "passing through forward; call it through triton_attention")
+        (o_t,) = ctx.saved_tensors
+        return o_t, None, None
+
+    @staticmethod
+    def backward(ctx, grad_o, _grad_lse, _grad_o_t):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(q, k, v, o, lse, grad_o, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise TypeError(f"triton attention needs q, k, v of one dtype among {_DTYPES}; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if not q.is_cuda and not _INTERPRET:
+        raise RuntimeError("triton attention on CPU needs TRITON_INTERPRET=1 in the environment "
+                           "before triton is imported; use backend='torch' otherwise")
+    # torch.func.jvp inside torch.func.jvp would need the kernels to be forward-differentiable.
+    if getattr(eager_transforms, "JVP_NESTING", 0) > 1:
+        raise NotImplementedError("triton attention supports first-order forward mode only; "
+                                  "use backend='torch' for nested torch.func.jvp")
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Flash softmax attention O = softmax(scale Q K^T) V with its forward-mode tangent fused in.
+
+    Args:
+        q, k, v: (B, H, N, D), one dtype among fp32 / fp16 / bf16 (fp32 accumulation), any N >= 1,
+            D <= 256, any strides. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Dual
+            tensors of `torch.func.jvp` or `torch.autograd.forward_ad` (a missing tangent is zero)
+            get their output tangent from the same kernel pass.
+        scale: softmax scale.
+    Returns:
+        o: (B, H, N, D) contiguous, in q's dtype. Differentiable by ordinary backward; its
+            tangent is not (stop-grad, as every MeanFlow loss uses it).
+    """
+    _check(q, k, v)
+    q_t, k_t, v_t = (fwAD.unpack_dual(x).tangent for x in (q, k, v))     # (B, H, N, D) or None
+    o, _, _ = _FlashAttention.apply(q, k, v, q_t, k_t, v_t, scale)
+    return o

@@ -1,0 +1,168 @@
+"""kernels.attention, triton backend: primal, tangent (torch.func.jvp, forward_ad) and gradients vs
+fp64 math attention. On CPU the kernels run in the Triton interpreter (see conftest.py), where
+fp32 / fp16 arithmetic is exact numpy but bf16 is not, so bf16 is checked on CUDA only."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from fastmf.models import build
+from kernels import attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (output, tangent and gradient) tolerances; inputs are rounded to the dtype before the fp64
+# reference sees them, so these bound the kernels' own error (fp32 accumulation, P cast to dtype).
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.5e-2, 8e-2)}
+
+
+def math_attention(q, k, v, scale):
+    return torch.softmax(scale * q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def triton(q, k, v):
+    return attention(q, k, v, backend="triton")
+
+
+def randn(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def reference(q, k, v, tangents, grad_o):
+    """fp64 math attention: output, tangent and (dq, dk, dv) for the given output gradient."""
+    scale = q.shape[-1] ** -0.5
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    o, t = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, scale), (q, k, v),
+                          tuple(x.double() for x in tangents))
+    return o.detach(), t, torch.autograd.grad(o, (q, k, v), grad_o.double())
+
+
+def assert_close(actual, expected, tol):
+    torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=tol)
+
+
+def check_against_reference(q, k, v, tangents, grad_o):
+    o_tol, d_tol = TOL[q.dtype]
+    o_ref, t_ref, grads_ref = reference(q, k, v, tangents, grad_o)
+
+    o, t = torch.func.jvp(triton, (q, k, v), tangents)
+    assert o.dtype == t.dtype == q.dtype
+    assert_close(o, o_ref, o_tol)
+    assert_close(t, t_ref, d_tol)
+
+    with fwAD.dual_level():
+        t_fw = fwAD.unpack_dual(triton(*map(fwAD.make_dual, (q, k, v), tangents))).tangent
+    assert_close(t_fw, t_ref, d_tol)
+
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    grads = torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), grad_o)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == q.dtype
+        assert_close(g, g_ref, d_tol)
+
+
+@pytest.mark.parametrize("B,H,N,D", [(1, 1, 1, 16), (2, 2, 1, 32), (1, 2, 17, 16), (2, 1, 17, 32),
+                                     (1, 1, 77, 32), (2, 1, 77, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_math_attention(B, H, N, D, dtype):
+    q, k, v, dq, dk, dv, go = (randn((B, H, N, D), dtype, seed) for seed in range(7))
+    check_against_reference(q, k, v, (dq, dk, dv), go)
+
+
+@pytest.mark.parametrize("N,D", [(33, 64), (9, 128), (20, 24)])  # 24: padded head-dim tile
+def test_other_head_dims(N, D):
+    q, k, v, dq, dk, dv, go = (randn((1, 1, N, D), torch.float32, seed) for seed in range(7))
+    check_against_reference(q, k, v, (dq, dk, dv), go)
+
+
+def test_noncontiguous_inputs_tangents_and_gradient():
+    B, H, N, D = 2, 2, 19, 16
+    q, k, v = randn((3, B, N, H, D), torch.float32, 0).unbind(0)           # (B, N, H, D) each
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                         # (B, H, N, D) strided
+    tangents = tuple(randn((B, H, D, N), torch.float32, s).transpose(-2, -1) for s in (1, 2, 3))
+    grad_o = randn((N, B, H, D), torch.float32, 4).permute(1, 2, 0, 3)       # (B, H, N, D) strided
+    assert not any(x.is_contiguous() for x in (q, k, v, grad_o, *tangents))
+    check_against_reference(q, k, v, tangents, grad_o)
+
+
+def test_missing_tangents_are_zero():
+    q, k, v, dq, dv = (randn((1, 2, 21, 16), torch.float32, seed) for seed in range(5))
+    zero = torch.zeros_like(q)
+    _, t = torch.func.jvp(lambda c: triton(q, k, c), (v,), (dv,))
+    assert_close(t, reference(q, k, v, (zero, zero, dv), q)[1], TOL[torch.float32][1])
+    with fwAD.dual_level():
+        t_fw = fwAD.unpack_dual(triton(fwAD.make_dual(q, dq), k, v)).tangent
+    assert_close(t_fw, reference(q, k, v, (dq, zero, zero), q)[1], TOL[torch.float32][1])
+
+
+def test_jvp_primal_is_differentiable_through_functional_call():
+    """The MeanFlow pattern: jvp of a functional model, loss on the primal with the stop-grad
+    tangent, ordinary backward to the parameters."""
+    B, H, N, D = 2, 2, 17, 16
+    proj = torch.nn.Linear(H * D, 3 * H * D).to(DEVICE)
+    x, dx = randn((B, N, H * D), torch.float32, 0), randn((B, N, H * D), torch.float32, 1)
+
+    def loss(attn, params, dtype):
+        def f(x):
+            qkv = torch.func.functional_call(proj, params, (x,)).unflatten(-1, (3, H, D))
+            return attn(*(qkv[:, :, i].transpose(1, 2).to(dtype) for i in range(3)))  # (B, H, N, D)
+        o, t = torch.func.jvp(f, (x.to(dtype),), (dx.to(dtype),))
+        return (o * o - t.detach() * o).sum()
+
+    params = {n: p.detach().requires_grad_() for n, p in proj.named_parameters()}
+    loss(triton, params, torch.float32).backward()
+    params_ref = {n: p.detach().double().requires_grad_() for n, p in proj.named_parameters()}
+    loss(lambda a, b, c: math_attention(a, b, c, D ** -0.5), params_ref, torch.float64).backward()
+    for n in params:
+        assert_close(params[n].grad, params_ref[n].grad, 1e-4)
+
+
+def test_nested_jvp_is_refused():
+    q, dq = randn((1, 1, 4, 16), torch.float32, 0), randn((1, 1, 4, 16), torch.float32, 1)
+    inner = lambda x: torch.func.jvp(lambda y: triton(y, y, y), (x,), (dq,))[1]
+    with pytest.raises(NotImplementedError, match="first-order"):
+        torch.func.jvp(inner, (q,), (dq,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="bf16 needs CUDA: the Triton interpreter computes bf16 arithmetic wrongly")
+@pytest.mark.parametrize("B,H,N,D", [(2, 3, 77, 32), (2, 2, 257, 64), (1, 2, 1000, 128)])
+def test_bf16_on_cuda(B, H, N, D):
+    q, k, v, dq, dk, dv, go = (randn((B, H, N, D), torch.bfloat16, seed) for seed in range(7))
+    check_against_reference(q, k, v, (dq, dk, dv), go)
+
+
+def test_mit_tiny_same_with_triton_and_torch_backends():
+    """Whole model in fp32: outputs, the MeanFlow JVP and parameter gradients agree."""
+    models = {}
+    for backend in ("torch", "triton"):
+        # one trunk block + one u-head block keeps the interpreter run short
+        models[backend] = build("mit-tiny", attn_backend=backend, input_size=(8, 8), in_channels=2,
+                                num_classes=5, depth=2, aux_head_depth=1, num_heads=2).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-init gates would hide attention from the outputs entirely
+        for p in models["torch"].parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEVICE))
+    models["triton"].load_state_dict(models["torch"].state_dict())
+
+    B = 2
+    z, dz = randn((B, 2, 8, 8), torch.float32, 1), randn((B, 2, 8, 8), torch.float32, 2)
+    t, r = torch.tensor([0.9, 0.4], device=DEVICE), torch.tensor([0.2, 0.4], device=DEVICE)
+    cond = (torch.tensor([1.0, 3.0]), torch.zeros(B), torch.ones(B), torch.tensor([1, 4]))
+    omega, t_min, t_max, y = (c.to(DEVICE) for c in cond)
+    results = {}
+    for backend, model in models.items():
+        params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+
+        def u_fn(z, t, r):
+            return torch.func.functional_call(model, params, (z, t, t - r, omega, t_min, t_max, y),
+                                              {"heads": "u"})[0]
+        u, du = torch.func.jvp(u_fn, (z, t, r), (dz, torch.ones_like(t), torch.zeros_like(r)))
+        loss = (u - (dz - (t - r)[:, None, None, None] * du).detach()).square().sum()
+        grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)  # v-head: 0
+        results[backend] = (u, du, grads)
+    (u, du, grads), (u_ref, du_ref, grads_ref) = results["triton"], results["torch"]
+    assert du_ref.abs().max() > 1e-2  # the comparison is not vacuous
+    torch.testing.assert_close(u, u_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(du, du_ref, atol=1e-4, rtol=1e-4)
+    for gr, gr_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(gr, gr_ref, atol=1e-4, rtol=1e-3)
