@@ -209,6 +209,13 @@ class MiT(nn.Module):
             nn.init.zeros_(final.linear.weight)
             nn.init.zeros_(final.linear.bias)
 
+    def set_attention_backend(self, backend: str):
+        """Switch every block's attention backend ("torch", "triton", "sdpa", "auto")."""
+        self.cfg.attn_backend = backend
+        for m in self.modules():
+            if isinstance(m, RoPEAttention):
+                m.backend = backend
+
     def check_inputs(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """One-line errors for inputs the model cannot take."""
         cfg = self.cfg

@@ -1,0 +1,120 @@
+"""The fast MeanFlow loss: same value and gradients as fastmf.objectives, less work and memory.
+
+What differs from the reference computation (each exact, see tests/test_train_step.py):
+- No tangent graph. `torch.func.jvp` records the tangent ops in the autograd graph although du/dt
+  is stop-grad (pytorch issue 151782), doubling activation memory. Here du/dt comes from a
+  no-grad JVP pass and u, v from an ordinary with-grad primal pass.
+- No work whose result is known. The first n_fm = int(B * data_proportion) samples are
+  flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent, and
+  their CFG interval is [0, 1], so the interval-masked guidance pass equals the first pass
+  for them. The tangent and the masked pass run on the other B - n_fm samples only (a static
+  size, so compiled graphs stay static).
+- The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
+  (kernels.adaptive_sq_loss) forward and backward.
+"""
+from typing import Callable
+
+import torch
+
+from kernels import adaptive_sq_loss
+from fastmf.objectives import Draws, ObjectiveConfig, bcast, drop_labels, draw
+
+
+def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
+    """fastmf.objectives.guidance with the masked pass restricted to samples n_fm:."""
+    with torch.no_grad():
+        B = z_t.shape[0]
+        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+        null = torch.full_like(y, num_classes)
+        _, vv = apply(params, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([zeros, zeros]),
+                      torch.cat([d.omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
+                      torch.cat([y, null]), heads="v")                              # (2B, C, *S)
+        v_c, v_u = vv[:B], vv[B:]
+        w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
+        if n_fm < B:
+            s = slice(n_fm, B)
+            _, v_c_mf = apply(params, z_t[s], t[s], zeros[s], w[s], zeros[s], ones[s], y[s], heads="v")
+            v_c = torch.cat([v_c[:n_fm], v_c_mf])
+        # FM samples: w = omega (interval [0, 1]), so this is the reference's v_g_fm for them.
+        v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
+    return v_g, v_c
+
+
+def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple, n_fm: int) -> torch.Tensor:
+    """du/dt along (tangent, 1, 0) for samples n_fm: (zeros for the rest), without autograd graph."""
+    B = z_t.shape[0]
+    du_dt = torch.zeros_like(z_t)
+    if n_fm == B:
+        return du_dt
+    s = slice(n_fm, B)
+    omega, t_min, t_max, y_in = (c[s] for c in cond)
+
+    def u_fn(z, t_, r_):
+        return apply(params, z, t_, t_ - r_, omega, t_min, t_max, y_in, heads="u")[0]
+
+    with torch.no_grad():
+        _, du = torch.func.jvp(u_fn, (z_t[s], t[s], r[s]), (tangent[s], torch.ones_like(t[s]),
+                                                             torch.zeros_like(r[s])))
+    return torch.cat([du_dt[:n_fm], du])
+
+
+def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
+                             cfg: ObjectiveConfig, perceptual: Callable | None = None,
+                             loss_backend: str = "auto"):
+    """iMF / pMF loss, equal to objectives.imf_loss_from_draws (draws from objectives.draw)."""
+    B = x.shape[0]
+    n_fm = int(B * cfg.data_proportion)
+    t, r = d.t, d.r
+    tb = bcast(t, x)
+    z_t = (1 - tb) * x + tb * d.e
+    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    v_g, v_c = fast_guidance(apply, params, z_t, t, v_t, y, d, n_fm, cfg.num_classes)
+    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
+    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_c, (d.omega, d.t_min, d.t_max, y_in), n_fm)
+    u, v = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="uv")
+    loss_u, raw_u = adaptive_sq_loss(u, v_g, du_dt, t - r, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
+    loss_v, raw_v = adaptive_sq_loss(v, v_g, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
+    loss = loss_u + loss_v
+    n = x[0].numel()
+    metrics = {"loss_u": raw_u.mean() / n, "loss_v": raw_v.mean() / n}
+    if perceptual is not None and cfg.variant == "pmf":
+        dist = torch.where(t < cfg.perceptual_max_t, perceptual(z_t - tb * u, x), 0.0)
+        loss = loss + cfg.perceptual_weight * dist / (dist + cfg.norm_eps).pow(cfg.norm_p).detach()
+        metrics["loss_perceptual"] = dist.mean().detach()
+    loss = loss.mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
+                            cfg: ObjectiveConfig, loss_backend: str = "auto"):
+    """Original MeanFlow loss, equal to objectives.mf_loss_from_draws."""
+    B = x.shape[0]
+    n_fm = int(B * cfg.data_proportion)
+    t, r = d.t, d.r
+    tb = bcast(t, x)
+    z_t = (1 - tb) * x + tb * d.e
+    v_t = d.e - x
+    v_g = v_t
+    if cfg.mf_omega != 1.0:
+        with torch.no_grad():
+            null = torch.full_like(y, cfg.num_classes)
+            u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
+        v_g = cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
+    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_g, (d.omega, d.t_min, d.t_max, y_in), n_fm)
+    u, _ = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="u")
+    # (u - sg(v_g - c du/dt))^2 = (u + c du/dt - v_g)^2 with c = clip(t - r, 0, 1)
+    loss, raw = adaptive_sq_loss(u, v_g, du_dt, (t - r).clamp(0, 1), eps=cfg.norm_eps, p=cfg.norm_p,
+                                 backend=loss_backend)
+    loss = loss.mean()
+    return loss, {"loss": loss.detach(), "loss_u": raw.mean() / x[0].numel()}
+
+
+def fast_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+              cfg: ObjectiveConfig, loss_backend: str = "auto", perceptual: Callable | None = None):
+    """Draw, then the fast loss of cfg.variant: a drop-in for objectives.LOSSES[cfg.variant]."""
+    d = draw(x, gen, cfg)
+    if cfg.variant == "mf":
+        return fast_mf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend)
+    return fast_imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual, loss_backend)
