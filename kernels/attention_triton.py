@@ -349,6 +349,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                                   "use backend='torch' for nested torch.func.jvp")
 
 
+# Dynamo cannot trace the autotuned launch (it trips over the autotuner's config list, torch 2.11),
+# so compiled code calls the kernels eagerly: one graph break per attention call.
+@torch.compiler.disable
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Flash softmax attention O = softmax(scale Q K^T) V with its forward-mode tangent fused in.
 
