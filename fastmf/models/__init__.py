@@ -7,7 +7,9 @@ from fastmf.models.mit import MiT, MiTConfig
 
 # depth counts the trunk plus one head; every preset has 8-block heads except mit-tiny.
 PRESETS: dict[str, dict] = {
-    "mit-tiny": dict(depth=4, hidden_size=64, num_heads=4, aux_head_depth=2),
+    # CPU-sized: fewer condition tokens too, since on 8x8 digits the prefix would outnumber the patches.
+    "mit-tiny": dict(depth=4, hidden_size=64, num_heads=4, aux_head_depth=2, num_class_tokens=4,
+                     num_cfg_tokens=2, num_interval_tokens=1, num_time_tokens=2),
     "mit-b": dict(depth=12, hidden_size=768, num_heads=12, aux_head_depth=8),
     "mit-m": dict(depth=24, hidden_size=768, num_heads=12, aux_head_depth=8),
     "mit-l": dict(depth=32, hidden_size=1024, num_heads=16, aux_head_depth=8),
