@@ -36,7 +36,8 @@ def load_case(variant: str, dtype: torch.dtype):
         pytest.fail(f"golden file missing: {path}")
     g = load_file(str(path))
     model = build("mit-tiny", depth=3, aux_head_depth=2, hidden_size=64, num_heads=4, num_classes=10,
-                  variant=variant, attn_backend="torch",
+                  variant=variant, attn_backend="torch", num_class_tokens=8, num_cfg_tokens=4,
+                  num_interval_tokens=2, num_time_tokens=4,
                   **{k: v for k, v in case.items() if k != "file"})
     missing, unexpected = model.load_state_dict(official_to_fastmf(g, case["patch_size"]), strict=True)
     assert not missing and not unexpected
