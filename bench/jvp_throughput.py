@@ -10,11 +10,13 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
   fast   fastmf: fastmf.train_step.fast_loss (no tangent graph, no redundant guidance work,
          fused loss), Triton attention on CUDA; `--compile` adds a torch.compile'd variant
-Reports ms/step, samples/s, peak memory (CUDA) and the activation memory autograd keeps for
+Reports ms/step, samples/s, peak memory (CUDA; baseline_MiB = what was allocated before the case:
+weights, batch) and the activation memory autograd keeps for
 backward (saved tensors, measured eagerly on any device), ratios fast/fm and fast/naive, and
 compile time apart from steady state. JSON goes to --out.
 """
 import argparse
+import gc
 import json
 import sys
 import time
@@ -79,6 +81,11 @@ def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False
         opt.step()
 
     rec = {"case": name, "attention": attn, "compiled": compile_}
+    # Earlier cases can leave reference cycles (jvp closures, an OOM traceback) holding memory.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        rec["baseline_MiB"] = torch.cuda.memory_allocated() / 2**20
     try:
         if not compile_:
             with amp:
@@ -108,7 +115,8 @@ def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False
         traceback.print_exc()
     finally:
         opt.zero_grad(set_to_none=True)
-        del opt
+        del opt, compute
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec

@@ -23,8 +23,8 @@ def sample(apply: Callable, params: dict, z: torch.Tensor, y: torch.Tensor,
         omega, t_min, t_max: CFG scale and interval the model was trained to take, scalars or (B,).
     """
     times = time_grid(steps) if isinstance(steps, int) else [float(s) for s in steps]
-    if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:])):
-        raise ValueError(f"sampling times must decrease and have at least 2 entries, got {times}")
+    if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:])) or not 0 <= times[-1] <= times[0] <= 1:
+        raise ValueError(f"sampling times must decrease within [0, 1] and have at least 2 entries, got {times}")
     B = z.shape[0]
     col = lambda s: torch.as_tensor(s, dtype=z.dtype, device=z.device).expand(B)  # scalar or (B,) -> (B,)
     omega, t_min, t_max = col(omega), col(t_min), col(t_max)
