@@ -10,8 +10,8 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
   fast   fastmf: fastmf.train_step.fast_loss (no tangent graph, no redundant guidance work,
          fused loss), Triton attention on CUDA; `--compile` adds a torch.compile'd variant
-Reports ms/step, samples/s, peak memory (CUDA; baseline_MiB = what was allocated before the case:
-weights, batch) and the activation memory autograd keeps for
+Reports ms/step, samples/s, peak memory (CUDA: step_peak_MiB = peak minus what was allocated before the
+case, i.e. weights and batch) and the activation memory autograd keeps for
 backward (saved tensors, measured eagerly on any device), ratios fast/fm and fast/naive, and
 compile time apart from steady state. JSON goes to --out.
 """
@@ -50,15 +50,22 @@ def saved_bytes(fn) -> int:
 
     def pack(t):
         try:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            # Hold the storage, not the tensor: its address stays unique while we count, and
+            # holding t would tie saved outputs to their own grad_fn in a cycle that no collector
+            # frees, leaking the whole graph.
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage
         except (RuntimeError, NotImplementedError):  # wrapper tensors without storage
             seen[id(t)] = t.numel() * t.element_size()
-        return t
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("graph built only to measure saved tensors; it cannot run backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss, _ = fn()
     del loss
-    return sum(seen.values())
+    return sum(v if isinstance(v, int) else v.nbytes() for v in seen.values())
 
 
 def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False):
@@ -108,6 +115,7 @@ def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False
         rec |= {"ms_per_step": ms, "samples_per_s": x.shape[0] / ms * 1e3}
         if device.type == "cuda":
             rec["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+            rec["step_peak_MiB"] = rec["peak_MiB"] - rec["baseline_MiB"]
     except torch.OutOfMemoryError:
         rec["error"] = "out of memory"
     except Exception as e:  # a benchmark reports a failing case and goes on
@@ -180,16 +188,16 @@ def main():
         for base in ("fm", "naive"):
             if (base, False) in by:
                 ratios[f"{tag}/{base}_time"] = by[key]["ms_per_step"] / by[(base, False)]["ms_per_step"]
-                for mem in ("peak_MiB", "saved_activation_MiB"):
+                for mem in ("step_peak_MiB", "saved_activation_MiB"):
                     if mem in by[key] and mem in by[(base, False)]:
                         ratios[f"{tag}/{base}_{mem}"] = by[key][mem] / by[(base, False)][mem]
-    print("\n| case | ms/step | samples/s | peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
+    print("\n| case | ms/step | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
     for r in results:
         name = r["case"] + (" (compiled)" if r["compiled"] else "")
         if "error" in r:
             print(f"| {name} | {r['error']} | | | | |")
         else:
-            print(f"| {name} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r.get('peak_MiB', float('nan')):.0f} "
+            print(f"| {name} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r.get('step_peak_MiB', float('nan')):.0f} "
                   f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r['first_step_s']:.1f} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
