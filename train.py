@@ -22,7 +22,7 @@ from fastmf.ckpt import (flatten_state, load_checkpoint, load_optimizer_state, l
                          unflatten_state)
 from fastmf.data import batches, load_dataset
 from fastmf.images import save_grid
-from fastmf.models import MiT, MiTConfig, build
+from fastmf.models import MiT, build
 from fastmf.objectives import LOSSES, objective_defaults
 from fastmf.sampling import sample
 from fastmf.train_step import fast_loss

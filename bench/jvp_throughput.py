@@ -123,8 +123,6 @@ def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False
         traceback.print_exc()
     finally:
         opt.zero_grad(set_to_none=True)
-        del opt, compute
-        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec

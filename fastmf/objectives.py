@@ -128,21 +128,27 @@ def adaptive_weight(loss: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
     return loss / (loss + cfg.norm_eps).pow(cfg.norm_p).detach()
 
 
-def guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, num_classes: int):
-    """CFG target v_g and JVP tangent v_c from the v-head (iMF/pMF); no gradient flows.
-
-    Pass 1 (one doubled batch): conditional v with omega, unconditional v (null class, omega 1).
-    Pass 2: conditional v with omega set to 1 outside [t_min, t_max]: the tangent.
-    Flow-matching samples use pass 1's v_g (their interval is [0, 1]).
-    """
+def cond_uncond_v(apply: Callable, params: dict, z_t, t, omega, y, num_classes: int):
+    """v-head at h = 0, t_min = 0, t_max = 1 in one doubled batch: conditional with omega,
+    unconditional (null class) with omega = 1. Returns (v_c, v_u), no gradient."""
     with torch.no_grad():
         B = z_t.shape[0]
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-        null = torch.full_like(y, num_classes)
         _, vv = apply(params, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([zeros, zeros]),
-                      torch.cat([d.omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
-                      torch.cat([y, null]), heads="v")                              # (2B, C, *S)
-        v_c, v_u = vv[:B], vv[B:]
+                      torch.cat([omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
+                      torch.cat([y, torch.full_like(y, num_classes)]), heads="v")   # (2B, C, *S)
+    return vv[:B], vv[B:]
+
+
+def guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, num_classes: int):
+    """CFG target v_g and JVP tangent v_c from the v-head (iMF/pMF); no gradient flows.
+
+    Pass 1: `cond_uncond_v`. Pass 2: conditional v with omega set to 1 outside [t_min, t_max]:
+    the tangent. Flow-matching samples use pass 1's v_g (their interval is [0, 1]).
+    """
+    with torch.no_grad():
+        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+        v_c, v_u = cond_uncond_v(apply, params, z_t, t, d.omega, y, num_classes)
         v_g_fm = v_t + bcast(1 - 1 / d.omega, v_t) * (v_c - v_u)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
         _, v_c = apply(params, z_t, t, zeros, w, zeros, ones, y, heads="v")

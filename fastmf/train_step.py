@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from kernels import adaptive_sq_loss
-from fastmf.objectives import Draws, ObjectiveConfig, bcast, drop_labels, draw
+from fastmf.objectives import Draws, ObjectiveConfig, bcast, cond_uncond_v, drop_labels, draw
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
@@ -25,11 +25,7 @@ def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm:
     with torch.no_grad():
         B = z_t.shape[0]
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-        null = torch.full_like(y, num_classes)
-        _, vv = apply(params, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([zeros, zeros]),
-                      torch.cat([d.omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
-                      torch.cat([y, null]), heads="v")                              # (2B, C, *S)
-        v_c, v_u = vv[:B], vv[B:]
+        v_c, v_u = cond_uncond_v(apply, params, z_t, t, d.omega, y, num_classes)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
         if n_fm < B:
             s = slice(n_fm, B)

@@ -1,6 +1,4 @@
 """MiT: parameter counts, exact JVP of the whole net, dtypes, clear errors."""
-import math
-
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
