@@ -47,12 +47,15 @@ class Config:
     steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 64
+    """Global batch size."""
     lr: float = 1e-3
     """Peak learning rate (the references use 1e-4 at batch 256 for MiT-B; small models take more)."""
     warmup_steps: int = 100
     """Linear warmup, then constant (warmup_const)."""
     adam_b1: float = 0.9
+    """Adam beta1."""
     adam_b2: float = 0.95
+    """Adam beta2 (0.95 as in the iMF / pMF references)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables."""
     ema: float = 0.999
@@ -65,18 +68,23 @@ class Config:
     reference_loss: bool = False
     """Use the line-by-line reference objective (fastmf.objectives) instead of the fast, equal one."""
     attn_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Attention with an exact JVP rule: 'triton' flash kernels (CUDA), 'torch' math, 'auto' picks."""
     data_proportion: float | None = None
     """Fraction of flow-matching samples (r = t); default per variant (MF 0.75, iMF/pMF 0.5)."""
     P_mean: float | None = None
     """Logit-normal mean of t, r; default per variant (-0.4; pMF 0.8)."""
     P_std: float | None = None
+    """Logit-normal std of t, r; default per variant (1.0; pMF 0.8)."""
     cfg_max: float = 7.0
     """Training omega in [1, 1 + cfg_max]."""
     sample_omega: float = 2.0
     """CFG scale for sample grids and the final evaluation."""
     log_every: int = 50
+    """Steps between lines of OUT/metrics.jsonl (and wandb logs)."""
     sample_every: int = 1000
+    """Steps between 1-NFE sample grids OUT/samples_STEP.png."""
     ckpt_every: int = 1000
+    """Steps between checkpoints (params, EMA, optimizer, RNG; written atomically)."""
     eval_samples: int = 1000
     """Samples for the final digits quality report (digits only; 0 skips)."""
     out: str = "runs/default"
@@ -84,10 +92,13 @@ class Config:
     resume: bool = False
     """Continue from OUT/ckpt.safetensors exactly (same config)."""
     seed: int = 0
+    """Seed of the initial weights, the loss draws, the data order and the digits split."""
     device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise; never blocks on the network)."""
     wandb_project: str = "fastmf"
+    """Weights & Biases project name."""
 
 
 def fail(msg: str):
