@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from fastmf.models import build
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES = {
     "imf": dict(file="imf_torch_tiny.safetensors", input_size=(8, 8), patch_size=2, in_channels=4),
     "pmf": dict(file="pmf_torch_tiny.safetensors", input_size=(32, 32), patch_size=8, in_channels=3),
