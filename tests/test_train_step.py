@@ -53,3 +53,22 @@ def test_fast_loss_fp32_matches_reference_and_draws_like_it():
     ref, _ = imf_loss(apply, params, x, y, torch.Generator().manual_seed(5), cfg)
     fast, _ = fast_loss(apply, params, x, y, torch.Generator().manual_seed(5), cfg, loss_backend="torch")
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pmf_perceptual_term_matches_reference_and_counts():
+    model = tiny_model("pmf", num_classes=NC)
+    apply, params = functional(model)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, NC, (6,), generator=g)
+    cfg = objective_defaults("pmf", num_classes=NC, perceptual_max_t=0.7, perceptual_weight=0.5)
+    d = draw(x, g, cfg)
+    dist = lambda pred_x, x: (pred_x - x).abs().flatten(1).sum(1)  # a stand-in perceptual distance
+    ref, m_ref = imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=dist)
+    fast, m_fast = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=dist, loss_backend="torch")
+    plain, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m_fast["loss_perceptual"], m_ref["loss_perceptual"])
+    assert (ref - plain).abs() > 1e-3  # the term is really added (gated by t < 0.7 per sample)
+    w = params["u_final_layer.linear.weight"]
+    torch.testing.assert_close(torch.autograd.grad(fast, w)[0], torch.autograd.grad(ref, w)[0], rtol=1e-8, atol=1e-12)
