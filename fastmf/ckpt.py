@@ -50,6 +50,10 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(out, str(tmp), metadata={_META_KEY: meta_json})
+        # safetensors creates the file owner-only (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
         os.replace(tmp, path)
