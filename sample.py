@@ -31,8 +31,9 @@ class Args:
     """Comma-separated class labels, e.g. 0,1,2; default: `n` per class, every class in turn."""
     n: int = 10
     """Samples per class when --labels is not given."""
-    omega: float = 2.0
-    """CFG scale (1 = no guidance); iMF/pMF models take it as an input."""
+    omega: float | None = None
+    """CFG scale (1 = no guidance); iMF/pMF models take it as an input (default 2). MF models were
+    trained at omega 1 only (their guidance is baked in) and sample at 1."""
     t_min: float = 0.0
     """Guidance interval start."""
     t_max: float = 1.0
@@ -72,12 +73,18 @@ def main(args: Args):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.nfe < 1 or args.n < 1:
         fail(f"--nfe and --n must be >= 1, got {args.nfe}, {args.n}")
-    if not (args.omega >= 1 and 0 <= args.t_min <= args.t_max <= 1):
+    if not ((args.omega is None or args.omega >= 1) and 0 <= args.t_min <= args.t_max <= 1):
         fail(f"need omega >= 1 and 0 <= t_min <= t_max <= 1, got {args.omega}, {args.t_min}, {args.t_max}")
     out = Path(args.out)
     if not out.name.endswith((".png", ".npz", ".nii.gz", ".nii")):
         fail(f"--out must end in .png, .npz, .nii.gz or .nii, got {out}")
     model, params, meta = load_model(args.ckpt, args.weights, device)
+    if model.cfg.variant == "mf":
+        if args.omega not in (None, 1.0) or (args.t_min, args.t_max) != (0.0, 1.0):
+            fail("MF models take no guidance inputs: leave --omega, --t-min and --t-max at their defaults")
+        omega = 1.0
+    else:
+        omega = 2.0 if args.omega is None else args.omega
     num_classes = meta["num_classes"]
     if args.labels:
         try:
@@ -93,7 +100,7 @@ def main(args: Args):
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(len(labels), c.in_channels, *c.input_size, generator=g).to(device)
     apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
-    x = sample(apply, params, z, labels, steps=args.nfe, omega=args.omega, t_min=args.t_min, t_max=args.t_max)
+    x = sample(apply, params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
@@ -104,7 +111,7 @@ def main(args: Args):
             fail("NIfTI output needs a 3D (volume) model")
         files = save_nifti(x, out)
         print(f"wrote {len(files)} volumes: {files[0]} ...")
-    print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {args.omega}) to {out}")
+    print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {omega}) to {out}")
     if args.eval:
         from fastmf.eval import digits_report
         print(json.dumps(digits_report(x.cpu(), labels.cpu())))

@@ -83,7 +83,7 @@ class Config:
     cfg_max: float = 7.0
     """Training omega in [1, 1 + cfg_max]."""
     sample_omega: float = 2.0
-    """CFG scale for sample grids and the final evaluation."""
+    """CFG scale for sample grids and the final evaluation (iMF/pMF; MF has no guidance input and samples at 1)."""
     log_every: int = 50
     """Steps between lines of OUT/metrics.jsonl (and wandb logs)."""
     sample_every: int = 1000
@@ -229,9 +229,11 @@ def main(cfg: Config):
                 "num_classes": data.num_classes}
         save_checkpoint(ckpt_path, {k: v.detach().cpu() for k, v in tensors.items()}, meta)
 
+    eval_omega = 1.0 if cfg.variant == "mf" else cfg.sample_omega
+
     def grid(tag: str):
         labels = class_grid_labels(data.num_classes, 10, device)
-        save_grid(generate(model, ema, labels, cfg.seed, cfg.sample_omega), out / f"samples_{tag}.png", nrow=10)
+        save_grid(generate(model, ema, labels, cfg.seed, eval_omega), out / f"samples_{tag}.png", nrow=10)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
     t_last, step_last = time.perf_counter(), step
@@ -275,9 +277,9 @@ def main(cfg: Config):
     if cfg.data == "digits" and cfg.eval_samples:
         from fastmf.eval import digits_report
         labels = torch.arange(cfg.eval_samples, device=device) % 10
-        samples = generate(model, ema, labels, cfg.seed + 7, cfg.sample_omega)
+        samples = generate(model, ema, labels, cfg.seed + 7, eval_omega)
         report = digits_report(samples.cpu(), labels.cpu())
-        report |= {"step": step, "nfe": 1, "omega": cfg.sample_omega, "n": cfg.eval_samples}
+        report |= {"step": step, "nfe": 1, "omega": eval_omega, "n": cfg.eval_samples}
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
               f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
