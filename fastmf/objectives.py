@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("mf", "imf", "pmf")
+from fastmf.models.mit import VARIANTS
+
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,25 @@ def guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, num_classe
     return v_g, v_c
 
 
+def interpolate(x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
+    """z_t = (1 - t) x + t e and the conditional velocity v_t; returns (t as (B, 1, ...), z_t, v_t)."""
+    tb = bcast(d.t, x)
+    z_t = (1 - tb) * x + tb * d.e
+    # pMF writes v_t through x so that v_t and the net's u share the clip at t = 0.05.
+    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    return tb, z_t, v_t
+
+
+def mf_guided_velocity(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, cfg: ObjectiveConfig):
+    """MF target velocity v_g = w v_t + (1 - w) u(z_t, t, t | null), w = mf_omega; v_t when w = 1."""
+    if cfg.mf_omega == 1.0:
+        return v_t
+    with torch.no_grad():  # guidance target from the unconditional instantaneous velocity u(z, t, t)
+        null = torch.full_like(y, cfg.num_classes)
+        u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
+    return cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+
+
 def drop_labels(y, v_t, v_g, d: Draws, num_classes: int):
     """Dropped samples condition on the null class and regress the unguided v_t."""
     y_in = torch.where(d.drop_mask, num_classes, y)
@@ -178,10 +198,7 @@ def imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch
         loss (scalar), metrics dict of detached scalars.
     """
     t, r = d.t, d.r
-    tb = bcast(t, x)
-    z_t = (1 - tb) * x + tb * d.e
-    # pMF writes v_t through x so that v_t and the net's u share the clip at t = 0.05.
-    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    tb, z_t, v_t = interpolate(x, d, cfg)
     v_g, v_c = guidance(apply, params, z_t, t, v_t, y, d, cfg.num_classes)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
 
@@ -212,15 +229,8 @@ def mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.
                        cfg: ObjectiveConfig):
     """Original MeanFlow loss for fixed draws: u against sg(v_g - clip(t - r, 0, 1) du/dt)."""
     t, r = d.t, d.r
-    tb = bcast(t, x)
-    z_t = (1 - tb) * x + tb * d.e
-    v_t = d.e - x
-    v_g = v_t
-    if cfg.mf_omega != 1.0:
-        with torch.no_grad():  # guidance target from the unconditional instantaneous velocity u(z, t, t)
-            null = torch.full_like(y, cfg.num_classes)
-            u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
-        v_g = cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+    _, z_t, v_t = interpolate(x, d, cfg)
+    v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
 
     def u_fn(z, t_, r_):

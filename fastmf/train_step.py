@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from kernels import adaptive_sq_loss
-from fastmf.objectives import Draws, ObjectiveConfig, bcast, cond_uncond_v, drop_labels, draw
+from fastmf.objectives import (Draws, ObjectiveConfig, bcast, cond_uncond_v, draw, drop_labels, interpolate,
+                               mf_guided_velocity)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
@@ -61,9 +62,7 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     B = x.shape[0]
     n_fm = int(B * cfg.data_proportion)
     t, r = d.t, d.r
-    tb = bcast(t, x)
-    z_t = (1 - tb) * x + tb * d.e
-    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    tb, z_t, v_t = interpolate(x, d, cfg)
     v_g, v_c = fast_guidance(apply, params, z_t, t, v_t, y, d, n_fm, cfg.num_classes)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
     du_dt = tangent_du_dt(apply, params, z_t, t, r, v_c, (d.omega, d.t_min, d.t_max, y_in), n_fm)
@@ -88,15 +87,8 @@ def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: t
     B = x.shape[0]
     n_fm = int(B * cfg.data_proportion)
     t, r = d.t, d.r
-    tb = bcast(t, x)
-    z_t = (1 - tb) * x + tb * d.e
-    v_t = d.e - x
-    v_g = v_t
-    if cfg.mf_omega != 1.0:
-        with torch.no_grad():
-            null = torch.full_like(y, cfg.num_classes)
-            u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
-        v_g = cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+    _, z_t, v_t = interpolate(x, d, cfg)
+    v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
     du_dt = tangent_du_dt(apply, params, z_t, t, r, v_g, (d.omega, d.t_min, d.t_max, y_in), n_fm)
     u, _ = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="u")
