@@ -8,7 +8,7 @@ What differs from the reference computation (each exact, see tests/test_train_st
   flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent, and
   their CFG interval is [0, 1], so the interval-masked guidance pass equals the first pass
   for them. The tangent and the masked pass run on the other B - n_fm samples only (a static
-  size, so compiled graphs stay static).
+  size, so compiled graphs stay static), and all guidance is one batched v-head call.
 - The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
   (kernels.adaptive_sq_loss) forward and backward.
 """
@@ -17,21 +17,27 @@ from typing import Callable
 import torch
 
 from kernels import adaptive_sq_loss
-from fastmf.objectives import (Draws, ObjectiveConfig, bcast, cond_uncond_v, draw, drop_labels, interpolate,
+from fastmf.objectives import (Draws, ObjectiveConfig, bcast, draw, drop_labels, interpolate,
                                mf_guided_velocity)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
-    """fastmf.objectives.guidance with the masked pass restricted to samples n_fm:."""
+    """fastmf.objectives.guidance in one v-head call of 2B + (B - n_fm) samples.
+
+    The masked pass does not depend on the first pass's outputs, so it joins the doubled batch,
+    and it runs only for samples n_fm: (for the others it would repeat the conditional pass).
+    """
     with torch.no_grad():
         B = z_t.shape[0]
-        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-        v_c, v_u = cond_uncond_v(apply, params, z_t, t, d.omega, y, num_classes)
+        s = slice(n_fm, B)
+        ones = torch.ones_like(t)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
-        if n_fm < B:
-            s = slice(n_fm, B)
-            _, v_c_mf = apply(params, z_t[s], t[s], zeros[s], w[s], zeros[s], ones[s], y[s], heads="v")
-            v_c = torch.cat([v_c[:n_fm], v_c_mf])
+        tt = torch.cat([t, t, t[s]])                                                  # (2B + Bm,)
+        _, vv = apply(params, torch.cat([z_t, z_t, z_t[s]]), tt, torch.zeros_like(tt),
+                      torch.cat([d.omega, ones, w[s]]), torch.zeros_like(tt), torch.ones_like(tt),
+                      torch.cat([y, torch.full_like(y, num_classes), y[s]]), heads="v")
+        v_c = torch.cat([vv[:n_fm], vv[2 * B:]])                                      # (B, C, *S)
+        v_u = vv[B:2 * B]
         # FM samples: w = omega (interval [0, 1]), so this is the reference's v_g_fm for them.
         v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
     return v_g, v_c
