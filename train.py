@@ -106,6 +106,11 @@ class Config:
     """Weights & Biases project name."""
 
 
+# Options that do not change the training trajectory, so a resumed run may set them anew.
+RESUME_MAY_CHANGE = {"steps", "resume", "compile", "log_every", "sample_every", "ckpt_every", "eval_samples",
+                     "sample_omega", "wandb", "wandb_project", "device"}
+
+
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -190,9 +195,15 @@ def main(cfg: Config):
     data_gen = torch.Generator().manual_seed(cfg.seed + 2)
     step = 0
     if cfg.resume:
-        tensors, meta = load_checkpoint(ckpt_path)
-        if meta["config"] | {"resume": True, "steps": cfg.steps} != asdict(cfg) | {"resume": True, "steps": cfg.steps}:
-            fail(f"{ckpt_path} was written with a different config; resume with the same options")
+        try:
+            tensors, meta = load_checkpoint(ckpt_path)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        saved, now = meta["config"], asdict(cfg)
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+        if changed:
+            fail(f"{ckpt_path} was trained with other values of {', '.join('--' + k.replace('_', '-') for k in changed)}"
+                 f" ({', '.join(f'{saved.get(k)!r}' for k in changed)}); resume with the same ones")
         groups = unflatten_state(tensors)
         with torch.no_grad():
             for k in params:
@@ -254,12 +265,16 @@ def main(cfg: Config):
             torch._foreach_lerp_(list(ema.values()), list(params.values()), 1 - decay)
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        log_now = step % cfg.log_every == 0 or step == cfg.steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.steps
+        # Checked where we read values anyway (a device sync): at log steps and before every save,
+        # so a checkpoint never holds weights that a non-finite step has touched.
+        if (log_now or ckpt_now) and not math.isfinite(loss.item()):
+            fail(f"non-finite loss {loss.item()} at step {step}; the last checkpoint ({ckpt_path}) is kept. "
+                 "Lower --lr or set --grad-clip.")
+        if log_now:
             record = {k: v.item() for k, v in metrics.items()} | {"step": step, "lr": lr,
                                                                    "grad_norm": grad_norm.item()}
-            if not math.isfinite(record["loss"]):
-                fail(f"non-finite loss {record['loss']} at step {step}; the last checkpoint "
-                     f"({ckpt_path}) is kept. Lower --lr or set --grad-clip.")
             now = time.perf_counter()
             record["steps_per_s"] = (step - step_last) / (now - t_last)
             t_last, step_last = now, step
@@ -270,7 +285,7 @@ def main(cfg: Config):
                 run.log(record, step=step)
         if step % cfg.sample_every == 0 or step == cfg.steps:
             grid(f"{step:07d}")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if ckpt_now:
             save()
     bar.close()
 

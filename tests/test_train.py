@@ -91,3 +91,23 @@ def test_pmf_mit_b_command_reaches_its_first_step(tmp_path):
                 "--no-compile", "--eval-samples", "0", "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "b" / "ckpt.safetensors").exists()
+
+
+def test_resume_refuses_changed_training_options(tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main(small(out, steps=3))
+    with pytest.raises(SystemExit):
+        train.main(small(out, resume=True, lr=5e-4))
+    assert "--lr (0.001)" in capsys.readouterr().err
+    train.main(small(out, resume=True, steps=4, log_every=1, compile=False))  # logging may change
+
+
+def test_nonfinite_loss_stops_with_one_line_and_keeps_finite_checkpoint(tmp_path, capsys):
+    import torch
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit):  # an absurd learning rate blows the weights up
+        train.main(small(out, steps=30, ckpt_every=1, log_every=1, lr=1e30, warmup_steps=0))
+    assert "non-finite loss" in capsys.readouterr().err
+    ckpt = out / "ckpt.safetensors"
+    if ckpt.exists():
+        assert all(torch.isfinite(t.float()).all() for t in load_file(str(ckpt)).values())
