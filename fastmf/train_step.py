@@ -2,8 +2,9 @@
 
 What differs from the reference computation (each exact, see tests/test_train_step.py):
 - No tangent graph. `torch.func.jvp` records the tangent ops in the autograd graph although du/dt
-  is stop-grad (pytorch issue 151782), doubling activation memory. Here du/dt comes from a
-  no-grad JVP pass and u, v from an ordinary with-grad primal pass.
+  is stop-grad (pytorch issue 151782), doubling activation memory. Here du/dt comes from the
+  model's hand-written JVP (MiT.u_jvp: explicit tangent rules, one no-grad pass, no dual tensors,
+  fused attention forward+tangent) and u, v from an ordinary with-grad primal pass.
 - No work whose result is known. The first n_fm = int(B * data_proportion) samples are
   flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent, and
   their CFG interval is [0, 1], so the interval-masked guidance pass equals the first pass
@@ -51,13 +52,10 @@ def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple
         return du_dt
     s = slice(n_fm, B)
     omega, t_min, t_max, y_in = (c[s] for c in cond)
-
-    def u_fn(z, t_, r_):
-        return apply(params, z, t_, t_ - r_, omega, t_min, t_max, y_in, heads="u")[0]
-
-    with torch.no_grad():
-        _, du = torch.func.jvp(u_fn, (z_t[s], t[s], r[s]), (tangent[s], torch.ones_like(t[s]),
-                                                             torch.zeros_like(r[s])))
+    ones = torch.ones_like(t[s])
+    # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) in one pass.
+    _, du = apply(params, z_t[s], t[s], t[s] - r[s], omega, t_min, t_max, y_in, heads="u",
+                  tangents=(tangent[s], ones, ones))
     return torch.cat([du_dt[:n_fm], du])
 
 

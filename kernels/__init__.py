@@ -2,7 +2,7 @@
 
 This package knows nothing of fastmf; fastmf imports it.
 """
-from kernels.attention import attention
+from kernels.attention import attention, attention_with_tangent
 from kernels.loss import adaptive_sq_loss
 
-__all__ = ["adaptive_sq_loss", "attention"]
+__all__ = ["adaptive_sq_loss", "attention", "attention_with_tangent"]

@@ -111,3 +111,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         from kernels.attention_triton import triton_attention
         return triton_attention(q, k, v, scale)
     return _TorchAttention.apply(q, k, v, scale)
+
+
+def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                           dk: torch.Tensor, dv: torch.Tensor, *, scale: float | None = None,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """O and its tangent dO for explicit tangents (dq, dk, dv), no autograd: for hand-written JVPs.
+
+    Args:
+        q, k, v, dq, dk, dv: (B, H, N, D).
+        backend: "torch" (math) or "triton" (one fused flash pass); "auto" picks triton on CUDA.
+    Returns:
+        (o, do): (B, H, N, D) each, in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = _pick_backend(q, "auto" if backend == "sdpa" else backend)
+    with torch.no_grad():
+        if backend == "triton":
+            from kernels.attention_triton import triton_attention_with_tangent
+            return triton_attention_with_tangent(q, k, v, dq, dk, dv, scale)
+        ct = _compute_dtype(q.dtype)
+        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+        p = _probs(qc, kc, scale)                                                     # (B, H, N, N)
+        ds = scale * (dq.to(ct) @ kc.transpose(-2, -1) + qc @ dk.to(ct).transpose(-2, -1))
+        dp = p * (ds - (p * ds).sum(-1, keepdim=True))                                # (B, H, N, N)
+        return (p @ vc).to(q.dtype), (dp @ vc + p @ dv.to(ct)).to(q.dtype)

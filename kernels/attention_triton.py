@@ -369,3 +369,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q_t, k_t, v_t = (fwAD.unpack_dual(x).tangent for x in (q, k, v))     # (B, H, N, D) or None
     o, _, _ = _FlashAttention.apply(q, k, v, q_t, k_t, v_t, scale)
     return o
+
+
+@torch.compiler.disable
+def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
+    """(O, dO) from one fused flash pass for explicit tangents, no autograd (all (B, H, N, D))."""
+    _check(q, k, v)
+    o, _, o_t = _flash_forward(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
+    return o, o_t

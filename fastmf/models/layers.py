@@ -26,6 +26,14 @@ class RMSNorm(nn.Module):
         xc = F.rms_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=self.eps)
         return xc.to(x.dtype) * self.weight
 
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, dy): d(x r) = r dx - x r^3 mean(x dx), r = rsqrt(mean(x^2) + eps)."""
+        ct = compute_dtype(x.dtype)
+        xc, dxc = x.to(ct), dx.to(ct)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        dn = r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)
+        return (xc * r).to(x.dtype) * self.weight, dn.to(dx.dtype) * self.weight
+
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases."""
@@ -38,6 +46,18 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.w1(x), self.w3(x)
+        da, db = F.linear(dx, self.w1.weight), F.linear(dx, self.w3.weight)
+        sa, dsa = silu_jvp(a, da)
+        return self.w2(sa * b), F.linear(dsa * b + sa * db, self.w2.weight)
+
+
+def silu_jvp(a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(a), silu'(a) da) with silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))."""
+    sig = torch.sigmoid(a)
+    return a * sig, da * sig * (1 + a * (1 - sig))
 
 
 class ScalarEmbedder(nn.Module):
@@ -56,6 +76,20 @@ class ScalarEmbedder(nn.Module):
         args = s.to(ct)[:, None] * freqs[None]                                      # (B, half)
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, freq_dim)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))                         # (B, hidden)
+
+    def jvp(self, s: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ct = compute_dtype(s.dtype)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period)
+                          * torch.arange(half, device=s.device, dtype=ct) / half)    # (half,)
+        args = s.to(ct)[:, None] * freqs[None]                                      # (B, half)
+        dargs = ds.to(ct)[:, None] * freqs[None]                                    # (B, half)
+        w = self.mlp[0].weight
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype)
+        dfeats = torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1).to(w.dtype)
+        a, da = self.mlp[0](feats), F.linear(dfeats, w)
+        sa, dsa = silu_jvp(a, da)
+        return self.mlp[2](sa), F.linear(dsa, self.mlp[2].weight)                   # (B, hidden) x2
 
 
 class LabelEmbedder(nn.Module):
@@ -146,6 +180,9 @@ class PatchEmbed(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.proj(patches)
 
+    def tangent(self, dpatches: torch.Tensor) -> torch.Tensor:
+        return F.linear(dpatches, self.proj.weight)
+
 
 class BottleneckPatchEmbed(nn.Module):
     """pMF: patch -> bottleneck channels -> hidden (conv p x p then 1 x 1 conv, both with bias)."""
@@ -157,3 +194,6 @@ class BottleneckPatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.proj2(self.proj1(patches))
+
+    def tangent(self, dpatches: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(dpatches, self.proj1.weight), self.proj2.weight)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kernels import attention
+import torch.nn.functional as F
+
+from kernels import attention, attention_with_tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
                                   rope_axial, unpatchify)
@@ -114,6 +116,23 @@ class RoPEAttention(nn.Module):
                       backend=self.backend)                                # (B, H, N, Dh)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))           # (B, N, C)
 
+    def jvp(self, x, dx, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, d out) for input tangent dx; RoPE is linear, so it rotates the tangents too."""
+        B, N, C = x.shape
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))            # (B, N, H, Dh)
+        qkv = []
+        for proj, norm in ((self.q_proj, self.q_norm), (self.k_proj, self.k_norm), (self.v_proj, None)):
+            a, da = heads(proj(x)), heads(F.linear(dx, proj.weight))
+            if norm is not None:
+                a, da = norm.jvp(a, da)
+                a, da = apply_rope(a, cos, sin), apply_rope(da, cos, sin)
+            qkv.append((a, da))
+        dtype = qkv[2][0].dtype
+        (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.to(dtype).transpose(1, 2)) for a, da in qkv]
+        o, do = attention_with_tangent(q, k, v, dq, dk, dv, backend=self.backend)  # (B, H, N, Dh) x2
+        flat = lambda t: t.transpose(1, 2).reshape(B, N, C)
+        return self.out_proj(flat(o)), F.linear(flat(do), self.out_proj.weight)
+
 
 class Block(nn.Module):
     """Pre-norm block; both residual branches scaled by zero-initialised per-channel gates."""
@@ -131,6 +150,12 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale      # (B, N, C)
         return x + self.mlp(self.norm2(x)) * self.mlp_scale               # (B, N, C)
 
+    def jvp(self, x, dx, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        a, da = self.attn.jvp(*self.norm1.jvp(x, dx), cos, sin)
+        x, dx = x + a * self.attn_scale, dx + da * self.attn_scale
+        m, dm = self.mlp.jvp(*self.norm2.jvp(x, dx))
+        return x + m * self.mlp_scale, dx + dm * self.mlp_scale
+
 
 class FinalLayer(nn.Module):
     """RMSNorm + zero-initialised linear to patch features."""
@@ -142,6 +167,10 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x))
+
+    def jvp(self, x, dx) -> tuple[torch.Tensor, torch.Tensor]:
+        n, dn = self.norm.jvp(x, dx)
+        return self.linear(n), F.linear(dn, self.linear.weight)
 
 
 ####################################################################################################
@@ -248,13 +277,18 @@ class MiT(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, omega: torch.Tensor,
                 t_min: torch.Tensor, t_max: torch.Tensor, y: torch.Tensor,
-                heads: str = "uv") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                heads: str = "uv", tangents: tuple | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Average velocity u and instantaneous velocity v at z (B, C, *S).
 
         t is used only by pMF's x -> u conversion; the net sees h = t - r, omega, t_min, t_max, y.
         `heads` picks what to compute: "uv", "u" (sampling) or "v" (guidance); the other is None.
+        With `tangents=(dz, dt, dh)` it returns (u, du) instead: u and its exact directional
+        derivative, computed by hand-written JVP rules in one pass (no autograd, no dual tensors).
         """
         self.check_inputs(z, t, y)
+        if tangents is not None:
+            return self.u_jvp(z, t, h, omega, t_min, t_max, y, *tangents)
         cos, sin = self.rope_cos, self.rope_sin
         seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
         for blk in self.shared_blocks:
@@ -275,3 +309,31 @@ class MiT(nn.Module):
                 out = (z - out) / tc
             outs.append(out)
         return outs[0], outs[1]
+
+    @torch.no_grad()
+    def u_jvp(self, z, t, h, omega, t_min, t_max, y, dz, dt, dh) -> tuple[torch.Tensor, torch.Tensor]:
+        """u and du = Du(z, t, h)[dz, dt, dh] through the u-path (trunk + u-head), stop-grad."""
+        cfg = self.cfg
+        cos, sin = self.rope_cos, self.rope_sin
+        seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
+        # Only the time tokens (through h) and the patch tokens (through z) carry a tangent.
+        _, dh_emb = self.h_embedder.jvp(h, dh)                                       # (B, C)
+        d_patch = self.x_embedder.tangent(patchify(dz, cfg.patch_size))             # (B, Np, C)
+        n_before_time = cfg.num_prefix - cfg.num_time_tokens
+        dseq = torch.cat([d_patch.new_zeros(z.shape[0], n_before_time, d_patch.shape[-1]),
+                          dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
+                          d_patch], dim=1)                                           # (B, N, C)
+        for blk in [*self.shared_blocks, *self.u_heads]:
+            seq, dseq = blk.jvp(seq, dseq, cos, sin)
+        out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
+        out = unpatchify(out, cfg.patch_size, cfg.grid)
+        dout = unpatchify(dout, cfg.patch_size, cfg.grid)
+        if cfg.variant != "pmf":
+            return out, dout
+        # u = (z - x_hat) / c with c = clip(t, 0.05, 1); dc = dt inside the clip range (as torch's clamp).
+        shape = (-1, *[1] * (z.dim() - 1))
+        c = t.clamp(0.05, 1.0).reshape(shape)
+        dc = torch.where((t >= 0.05) & (t <= 1.0), dt, torch.zeros_like(dt)).reshape(shape)
+        u = (z - out) / c
+        return u, (dz - dout) / c - u * dc / c
+
