@@ -68,22 +68,21 @@ class ScalarEmbedder(nn.Module):
         self.freq_dim, self.max_period = freq_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        ct = compute_dtype(s.dtype)
+    def freqs(self, s: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period)
-                          * torch.arange(half, device=s.device, dtype=ct) / half)    # (half,)
-        args = s.to(ct)[:, None] * freqs[None]                                      # (B, half)
+        ct = compute_dtype(s.dtype)
+        return torch.exp(-math.log(self.max_period) * torch.arange(half, device=s.device, dtype=ct) / half)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        freqs = self.freqs(s)                                                       # (half,)
+        args = s.to(freqs.dtype)[:, None] * freqs[None]                             # (B, half)
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, freq_dim)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))                         # (B, hidden)
 
     def jvp(self, s: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ct = compute_dtype(s.dtype)
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period)
-                          * torch.arange(half, device=s.device, dtype=ct) / half)    # (half,)
-        args = s.to(ct)[:, None] * freqs[None]                                      # (B, half)
-        dargs = ds.to(ct)[:, None] * freqs[None]                                    # (B, half)
+        freqs = self.freqs(s)                                                       # (half,)
+        args = s.to(freqs.dtype)[:, None] * freqs[None]                             # (B, half)
+        dargs = ds.to(freqs.dtype)[:, None] * freqs[None]                           # (B, half)
         w = self.mlp[0].weight
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype)
         dfeats = torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1).to(w.dtype)
