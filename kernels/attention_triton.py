@@ -371,9 +371,21 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o
 
 
-@torch.compiler.disable
+# A custom op, so torch.compile keeps the hand-written JVP pass in one graph: it sees the op's
+# shapes (register_fake) and never traces the autotuned launch inside.
+@torch.library.custom_op("fastmf::flash_attention_with_tangent", mutates_args=())
+def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                           dk: torch.Tensor, dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, _, o_t = _flash_forward(q, k, v, dq, dk, dv, scale)
+    return o, o_t
+
+
+@_flash_with_tangent_op.register_fake
+def _(q, k, v, dq, dk, dv, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
+
+
 def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
     """(O, dO) from one fused flash pass for explicit tangents, no autograd (all (B, H, N, D))."""
     _check(q, k, v)
-    o, _, o_t = _flash_forward(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
-    return o, o_t
+    return _flash_with_tangent_op(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
