@@ -28,11 +28,12 @@ for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
     model.set_attention_backend("torch")
     ref, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
     g_ref = torch.autograd.grad(ref, list(params.values()))
-    model.set_attention_backend("triton")
-    fast, _ = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")
-    g_fast = torch.autograd.grad(fast, list(params.values()))
-    rel = max(((a - b).norm() / (b.norm() + 1e-12)).item() for a, b in zip(g_fast, g_ref))
-    print(f"{variant} {size}: loss ref {ref.item():.6f} fast {fast.item():.6f} "
-          f"|diff| {abs(ref - fast).item():.2e}; worst relative gradient difference {rel:.2e}")
-    assert abs(ref - fast).item() < 1e-4 and rel < 1e-3, "fast step disagrees with the reference on CUDA"
+    for backend in ("triton", "auto"):  # auto: SDPA primal passes + Triton tangent op
+        model.set_attention_backend(backend)
+        fast, _ = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")
+        g_fast = torch.autograd.grad(fast, list(params.values()))
+        rel = max(((a - b).norm() / (b.norm() + 1e-12)).item() for a, b in zip(g_fast, g_ref))
+        print(f"{variant} {size} attention {backend}: loss ref {ref.item():.6f} fast {fast.item():.6f} "
+              f"|diff| {abs(ref - fast).item():.2e}; worst relative gradient difference {rel:.2e}")
+        assert abs(ref - fast).item() < 1e-4 and rel < 1e-3, "fast step disagrees with the reference on CUDA"
 print("gpu_check ok")

@@ -8,8 +8,10 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
   fm     plain flow matching, u and v heads at r = t, attention "sdpa" on CUDA (the floor)
   naive  the reference objective as PyTorch repos run it today: torch.func.jvp over the whole
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
-  fast   fastmf: fastmf.train_step.fast_loss (no tangent graph, no redundant guidance work,
-         fused loss), Triton attention on CUDA; `--compile` adds a torch.compile'd variant
+  fast   fastmf: fastmf.train_step.fast_loss (hand-written JVP pass, no tangent graph, no
+         redundant guidance work, fused loss); on CUDA attention "auto" = SDPA for primal passes
+         and the fused Triton forward+tangent kernel for the JVP pass; `--compile` adds a
+         torch.compile'd variant
 Reports ms/step, samples/s, peak memory (CUDA: step_peak_MiB = peak minus what was allocated before the
 case, i.e. weights and batch) and the activation memory autograd keeps for
 backward (saved tensors, measured eagerly on any device), ratios fast/fm and fast/naive, and
@@ -160,7 +162,8 @@ def main():
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     cfg = objective_defaults(args.variant, num_classes=10)
-    fast_attn = "triton" if device.type == "cuda" else "torch"
+    # auto: SDPA for the primal passes, the fused Triton forward+tangent op for the JVP pass (CUDA)
+    fast_attn = "auto" if device.type == "cuda" else "torch"
     plan = {"fm": (fm_loss, "sdpa" if device.type == "cuda" else "torch"),
             "naive": (LOSSES[args.variant], "torch"),
             "fast": (fast_loss, fast_attn)}

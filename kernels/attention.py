@@ -12,6 +12,7 @@ Math (s = scale, P = softmax(s Q K^T), tangents dQ, dK, dV):
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,12 +72,24 @@ class _TorchAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def _pick_backend(q: torch.Tensor, backend: str) -> str:
+def _pick_backend(q: torch.Tensor, backend: str, needs_tangent: bool) -> str:
     if backend not in ("auto", "torch", "triton", "sdpa"):
         raise ValueError(f"attention backend must be 'auto', 'torch', 'triton' or 'sdpa', got {backend!r}")
-    if backend == "auto":
-        return "triton" if q.is_cuda and _triton_available() else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if not q.is_cuda:
+        return "torch"
+    # Without forward-mode tangents PyTorch's flash SDPA is the fastest primal and compiles cleanly.
+    if not needs_tangent:
+        return "sdpa"
+    return "triton" if _triton_available() else "torch"
+
+
+def _has_tangent(*xs: torch.Tensor) -> bool:
+    """Whether forward-mode AD (torch.func.jvp or forward_ad) carries a tangent on any input."""
+    if torch.compiler.is_compiling():  # compiled code runs no dual tensors through here (see docstring)
+        return False
+    return any(fwAD.unpack_dual(x).tangent is not None for x in xs)
 
 
 def _triton_available() -> bool:
@@ -95,8 +108,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         q, k, v: (B, H, N, D) queries, keys, values (any strides).
         scale: softmax scale, default 1 / sqrt(D).
         backend: "torch" (math reference, any device), "triton" (flash kernels; CUDA, or CPU under
-            TRITON_INTERPRET=1), "auto" (triton on CUDA, else torch) or "sdpa" (PyTorch's fused
-            attention: forward and backward only, no forward-mode rule; for baselines and sampling).
+            TRITON_INTERPRET=1), "sdpa" (PyTorch's fused attention: forward and backward only, no
+            forward-mode rule) or "auto": on CUDA triton when forward-mode tangents are present,
+            else sdpa; torch on CPU. Inside torch.compile "auto" assumes no tangents: compiling a
+            torch.func.jvp through attention needs backend="triton".
     Returns:
         o: (B, H, N, D) in q's dtype.
     """
@@ -104,7 +119,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         raise ValueError(f"attention expects q, k, v of equal shape (B, H, N, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick_backend(q, backend)
+    backend = _pick_backend(q, backend, needs_tangent=q.is_cuda and backend == "auto" and _has_tangent(q, k, v))
     if backend == "sdpa":
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if backend == "triton":
@@ -125,7 +140,7 @@ def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq
         (o, do): (B, H, N, D) each, in q's dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick_backend(q, "auto" if backend == "sdpa" else backend)
+    backend = _pick_backend(q, "auto" if backend == "sdpa" else backend, needs_tangent=True)
     with torch.no_grad():
         if backend == "triton":
             from kernels.attention_triton import triton_attention_with_tangent

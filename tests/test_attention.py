@@ -49,3 +49,19 @@ def test_bad_shapes_and_backend_names():
         attention(x, x[..., :4], x)
     with pytest.raises(ValueError, match="backend"):
         attention(x, x, x, backend="cuda")
+
+
+def test_auto_backend_choice():
+    from kernels.attention import _has_tangent, _pick_backend
+    cpu = torch.zeros(1, 1, 2, 4)
+    assert _pick_backend(cpu, "auto", needs_tangent=True) == "torch"
+    assert _pick_backend(cpu, "triton", needs_tangent=False) == "triton"
+
+    class FakeCuda:  # only .is_cuda is read when choosing
+        is_cuda = True
+    assert _pick_backend(FakeCuda(), "auto", needs_tangent=False) == "sdpa"
+    assert _pick_backend(FakeCuda(), "auto", needs_tangent=True) in ("triton", "torch")
+    assert not _has_tangent(cpu, cpu)
+    seen = []
+    torch.func.jvp(lambda a: seen.append(_has_tangent(a)) or a, (cpu,), (torch.ones_like(cpu),))
+    assert seen == [True]
