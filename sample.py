@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -38,10 +39,12 @@ class Args:
     """Guidance interval start."""
     t_max: float = 1.0
     """Guidance interval end."""
-    weights: str = "ema"
+    weights: Literal["ema", "params"] = "ema"
     """'ema' or 'params' (raw weights)."""
     seed: int = 0
+    """Seed of the starting noise."""
     device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', ..."""
     eval: bool = False
     """Digits only: print the classifier-agreement / Frechet report of the samples."""
 
