@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from kernels import adaptive_sq_loss
-from fastmf.objectives import (Draws, ObjectiveConfig, bcast, draw, drop_labels, interpolate,
-                               mf_guided_velocity)
+from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, draw, drop_labels,
+                               interpolate, mf_guided_velocity)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
@@ -47,16 +47,15 @@ def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm:
 def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple, n_fm: int) -> torch.Tensor:
     """du/dt along (tangent, 1, 0) for samples n_fm: (zeros for the rest), without autograd graph."""
     B = z_t.shape[0]
-    du_dt = torch.zeros_like(z_t)
     if n_fm == B:
-        return du_dt
+        return torch.zeros_like(z_t)
     s = slice(n_fm, B)
     omega, t_min, t_max, y_in = (c[s] for c in cond)
     ones = torch.ones_like(t[s])
     # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) in one pass.
     _, du = apply(params, z_t[s], t[s], t[s] - r[s], omega, t_min, t_max, y_in, heads="u",
                   tangents=(tangent[s], ones, ones))
-    return torch.cat([du_dt[:n_fm], du])
+    return torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
 
 
 def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
@@ -78,7 +77,7 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     metrics = {"loss_u": raw_u.mean() / n, "loss_v": raw_v.mean() / n}
     if perceptual is not None and cfg.variant == "pmf":
         dist = torch.where(t < cfg.perceptual_max_t, perceptual(z_t - tb * u, x), 0.0)
-        loss = loss + cfg.perceptual_weight * dist / (dist + cfg.norm_eps).pow(cfg.norm_p).detach()
+        loss = loss + cfg.perceptual_weight * adaptive_weight(dist, cfg)
         metrics["loss_perceptual"] = dist.mean().detach()
     loss = loss.mean()
     metrics["loss"] = loss.detach()
