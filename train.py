@@ -9,7 +9,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,13 +23,9 @@ from fastmf.ckpt import (flatten_state, load_checkpoint, load_optimizer_state, l
 from fastmf.data import batches, load_dataset
 from fastmf.images import save_grid
 from fastmf.models import MiT, build
-from fastmf.objectives import LOSSES, objective_defaults
+from fastmf.objectives import LOSSES_FROM_DRAWS, draw, objective_defaults
 from fastmf.sampling import sample
-from fastmf.train_step import fast_loss
-
-# RoPE is one complex multiply (fewer dispatches under jvp); inductor leaves that op to eager and
-# says so on every run. Measured on the digits default: compiled steps are as fast as with the real form.
-warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+from fastmf.train_step import fast_loss_from_draws
 
 ModelName = Literal["mit-tiny", "mit-b", "mit-m", "mit-l", "mit-xl"]
 
@@ -73,7 +68,8 @@ class Config:
     reference_loss: bool = False
     """Use the line-by-line reference objective (fastmf.objectives) instead of the fast, equal one."""
     attn_backend: Literal["auto", "torch", "triton"] = "auto"
-    """Attention with an exact JVP rule: 'triton' flash kernels (CUDA), 'torch' math, 'auto' picks."""
+    """Attention: 'auto' = PyTorch SDPA for passes without a tangent and the exact JVP kernels for the
+    tangent ('triton' flash on CUDA, 'torch' math on CPU; always these two with --reference-loss)."""
     data_proportion: float | None = None
     """Fraction of flow-matching samples (r = t); default per variant (MF 0.75, iMF/pMF 0.5)."""
     P_mean: float | None = None
@@ -190,7 +186,9 @@ def main(cfg: Config):
     ocfg = objective_config(cfg, data.num_classes)
     params = dict(model.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
-    opt = torch.optim.Adam(params.values(), lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2))
+    # fused: the update is a few kernels instead of several per parameter (CUDA launch overhead)
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2),
+                           fused=device.type == "cuda")
     loss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     data_gen = torch.Generator().manual_seed(cfg.seed + 2)
     step = 0
@@ -214,12 +212,14 @@ def main(cfg: Config):
         step = meta["step"]
 
     apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
-    if cfg.reference_loss:
-        compute = lambda x, y: LOSSES[cfg.variant](apply, params, x, y, loss_gen, ocfg)
-    else:
-        compute = lambda x, y: fast_loss(apply, params, x, y, loss_gen, ocfg)
-    if cfg.compile:
-        compute = torch.compile(compute)
+    if cfg.reference_loss and cfg.attn_backend == "auto":
+        # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
+        model.set_attention_backend("triton" if device.type == "cuda" else "torch")
+    loss_from_draws = LOSSES_FROM_DRAWS[cfg.variant] if cfg.reference_loss else fast_loss_from_draws
+    step_loss = lambda x, y, d: loss_from_draws(apply, params, x, y, d, ocfg)
+    if cfg.compile:  # the draws stay eager: dynamo cannot trace sampling from an explicit generator
+        step_loss = torch.compile(step_loss)
+    compute = lambda x, y: step_loss(x, y, draw(x, loss_gen, ocfg))
     per_epoch = len(data.x) // cfg.batch_size
     it = batches(data.x, data.y, cfg.batch_size, data_gen, start=step % per_epoch)
     n_params = sum(p.numel() for p in params.values())

@@ -5,13 +5,14 @@
     python bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 --dtype bf16
 
 Cases, same model weights and batch, each a full step (loss, backward, Adam):
-  fm     plain flow matching, u and v heads at r = t, attention "sdpa" on CUDA (the floor)
+  fm     plain flow matching, u and v heads at r = t, attention "sdpa" (the floor)
   naive  the reference objective as PyTorch repos run it today: torch.func.jvp over the whole
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
   fast   fastmf: fastmf.train_step.fast_loss (hand-written JVP pass, no tangent graph, no
          redundant guidance work, fused loss); on CUDA attention "auto" = SDPA for primal passes
-         and the fused Triton forward+tangent kernel for the JVP pass; `--compile` adds a
-         torch.compile'd variant
+         and the fused Triton forward+tangent kernel for the JVP pass
+`--compile` adds torch.compile'd fm and fast steps (loss + backward compiled, draws and Adam
+eager; `--compile-mode reduce-overhead` replays them as CUDA graphs).
 Reports ms/step, samples/s, peak memory (CUDA: step_peak_MiB = peak minus what was allocated before the
 case, i.e. weights and batch) and the activation memory autograd keeps for
 backward (saved tensors, measured eagerly on any device), ratios fast/fm and fast/naive, and
@@ -29,15 +30,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmf.models import PRESETS, build  # noqa: E402
-from fastmf.objectives import LOSSES, objective_defaults  # noqa: E402
-from fastmf.train_step import fast_loss  # noqa: E402
+from fastmf.objectives import LOSSES_FROM_DRAWS, draw, objective_defaults  # noqa: E402
+from fastmf.train_step import fast_loss_from_draws  # noqa: E402
 
 
-def fm_loss(apply, params, x, y, gen, cfg):
+def fm_draw(x, gen, cfg):
+    """Flow matching's randomness: t (B,) and noise like x."""
+    t = torch.rand(x.shape[0], generator=gen, device=gen.device).to(x.device, x.dtype)
+    return t, torch.randn(x.shape, generator=gen, device=gen.device).to(x.device, x.dtype)
+
+
+def fm_loss_from_draws(apply, params, x, y, d, cfg):
     """Flow matching: both heads regress v_t at h = 0 (no JVP, no guidance)."""
-    B = x.shape[0]
-    t = torch.rand(B, generator=gen, device=gen.device).to(x.device, x.dtype)
-    e = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device, x.dtype)
+    t, e = d
     tb = t.reshape(-1, *[1] * (x.dim() - 1))
     z_t, v_t = (1 - tb) * x + tb * e, e - x
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
@@ -70,26 +75,31 @@ def saved_bytes(fn) -> int:
     return sum(v if isinstance(v, int) else v.nbytes() for v in seen.values())
 
 
-def run_case(name, loss_fn, model, attn, args, x, y, cfg, device, compile_=False):
+def run_case(name, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compile_=False):
     model.set_attention_backend(attn)
     params = dict(model.named_parameters())
-    opt = torch.optim.Adam(params.values(), lr=1e-5, betas=(0.9, 0.95))
+    # fused Adam on CUDA (as train.py): a few kernels per step instead of several per parameter
+    opt = torch.optim.Adam(params.values(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
     apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
     gen = torch.Generator(device=device).manual_seed(0)
-    compute = lambda: loss_fn(apply, params, x, y, gen, cfg)
-    if compile_:
-        compute = torch.compile(compute)
+    step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)
+    if compile_:  # draws stay eager (explicit generators do not trace), as in train.py
+        step_loss = torch.compile(step_loss, mode=None if args.compile_mode == "default" else args.compile_mode)
+    cudagraphs = compile_ and args.compile_mode == "reduce-overhead"
+    compute = lambda: step_loss(x, y, draw_fn(x, gen, cfg))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
+        if cudagraphs:  # a new iteration: outputs of the previous replay may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             loss, _ = compute()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    rec = {"case": name, "attention": attn, "compiled": compile_}
+    rec = {"case": name, "attention": attn, "compiled": args.compile_mode if compile_ else False}
     # Earlier cases can leave reference cycles (jvp closures, an OOM traceback) holding memory.
     gc.collect()
     if device.type == "cuda":
@@ -142,7 +152,11 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cases", default="fm,naive,fast", help="comma list of fm, naive, fast")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd fast step")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd fm and fast steps (naive stays eager by definition)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead replays the step as CUDA graphs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()
@@ -162,39 +176,41 @@ def main():
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     cfg = objective_defaults(args.variant, num_classes=10)
-    # auto: SDPA for the primal passes, the fused Triton forward+tangent op for the JVP pass (CUDA)
-    fast_attn = "auto" if device.type == "cuda" else "torch"
-    plan = {"fm": (fm_loss, "sdpa" if device.type == "cuda" else "torch"),
-            "naive": (LOSSES[args.variant], "torch"),
-            "fast": (fast_loss, fast_attn)}
+    # fast uses "auto": SDPA for the primal passes, for the JVP pass the fused Triton
+    # forward+tangent op on CUDA (math on CPU); naive runs math attention under torch.func.jvp.
+    plan = {"fm": (fm_draw, fm_loss_from_draws, "sdpa"),
+            "naive": (draw, LOSSES_FROM_DRAWS[args.variant], "torch"),
+            "fast": (draw, fast_loss_from_draws, "auto")}
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "args": vars(args), "tokens": model.cfg.num_tokens,
             "params_M": sum(q.numel() for q in model.parameters()) / 1e6}
     print(f"{args.model} {args.variant} {tuple(args.input_size)} p{args.patch_size}: {meta['tokens']} tokens, "
           f"batch {args.batch}, {args.dtype}, {meta['device']}")
-    results = []
     cases = [c for c in args.cases.split(",") if c]
     for c in cases:
         if c not in plan:
             p.error(f"unknown case {c!r}; choose from fm, naive, fast")
-        results.append(run_case(c, *plan[c][:1], model, plan[c][1], args, x, y, cfg, device))
+    runs = [(c, False) for c in cases] + [(c, True) for c in cases if args.compile and c != "naive"]
+    results = []
+    for c, compiled in runs:
+        draw_fn, loss_fn, attn = plan[c]
+        results.append(run_case(c, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compile_=compiled))
         print(json.dumps(results[-1]))
-    if args.compile:
-        results.append(run_case("fast", fast_loss, model, fast_attn, args, x, y, cfg, device, compile_=True))
-        print(json.dumps(results[-1]))
-    by = {(r["case"], r["compiled"]): r for r in results if "ms_per_step" in r}
+    by = {(r["case"], bool(r["compiled"])): r for r in results if "ms_per_step" in r}
     ratios = {}
-    for key in [k for k in by if k[0] == "fast"]:
-        tag = "fast_compiled" if key[1] else "fast"
-        for base in ("fm", "naive"):
-            if (base, False) in by:
-                ratios[f"{tag}/{base}_time"] = by[key]["ms_per_step"] / by[(base, False)]["ms_per_step"]
-                for mem in ("step_peak_MiB", "saved_activation_MiB"):
-                    if mem in by[key] and mem in by[(base, False)]:
-                        ratios[f"{tag}/{base}_{mem}"] = by[key][mem] / by[(base, False)][mem]
+    for (fast_c, base, base_c) in [(False, "fm", False), (False, "naive", False), (True, "fm", True),
+                                   (True, "fm", False), (True, "naive", False)]:
+        a, b = by.get(("fast", fast_c)), by.get((base, base_c))
+        if a is None or b is None:
+            continue
+        tag = f"fast{'_compiled' if fast_c else ''}/{base}{'_compiled' if base_c else ''}"
+        ratios[f"{tag}_time"] = a["ms_per_step"] / b["ms_per_step"]
+        for mem in ("step_peak_MiB", "saved_activation_MiB"):
+            if mem in a and mem in b:
+                ratios[f"{tag}_{mem}"] = a[mem] / b[mem]
     print("\n| case | ms/step | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
     for r in results:
-        name = r["case"] + (" (compiled)" if r["compiled"] else "")
+        name = r["case"] + (f" (compiled, {r['compiled']})" if r["compiled"] else "")
         if "error" in r:
             print(f"| {name} | {r['error']} | | | | |")
         else:

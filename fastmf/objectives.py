@@ -272,3 +272,5 @@ def pmf_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, ge
 
 
 LOSSES = {"mf": mf_loss, "imf": imf_loss, "pmf": pmf_loss}
+# Deterministic given the draws: what a compiled train step wraps (draws stay eager).
+LOSSES_FROM_DRAWS = {"mf": mf_loss_from_draws, "imf": imf_loss_from_draws, "pmf": imf_loss_from_draws}

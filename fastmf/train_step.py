@@ -102,10 +102,16 @@ def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: t
     return loss, {"loss": loss.detach(), "loss_u": raw.mean() / x[0].numel()}
 
 
-def fast_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-              cfg: ObjectiveConfig, loss_backend: str = "auto", perceptual: Callable | None = None):
-    """Draw, then the fast loss of cfg.variant: a drop-in for objectives.LOSSES[cfg.variant]."""
-    d = draw(x, gen, cfg)
+def fast_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
+                         cfg: ObjectiveConfig, loss_backend: str = "auto", perceptual: Callable | None = None):
+    """The fast loss of cfg.variant for given draws: what a train step compiles (draws stay eager:
+    dynamo cannot trace sampling with an explicit torch.Generator)."""
     if cfg.variant == "mf":
         return fast_mf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend)
     return fast_imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual, loss_backend)
+
+
+def fast_loss(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+              cfg: ObjectiveConfig, loss_backend: str = "auto", perceptual: Callable | None = None):
+    """Draw, then the fast loss of cfg.variant: a drop-in for objectives.LOSSES[cfg.variant]."""
+    return fast_loss_from_draws(apply, params, x, y, draw(x, gen, cfg), cfg, loss_backend, perceptual)

@@ -10,6 +10,7 @@ Math (s = scale, P = softmax(s Q K^T), tangents dQ, dK, dV):
     dO = dP V + P dV
 """
 import math
+import os
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -77,12 +78,11 @@ def _pick_backend(q: torch.Tensor, backend: str, needs_tangent: bool) -> str:
         raise ValueError(f"attention backend must be 'auto', 'torch', 'triton' or 'sdpa', got {backend!r}")
     if backend != "auto":
         return backend
-    if not q.is_cuda:
-        return "torch"
-    # Without forward-mode tangents PyTorch's flash SDPA is the fastest primal and compiles cleanly.
+    # Without forward-mode tangents PyTorch's fused SDPA is the fastest primal and compiles as
+    # plain ops (the Functions below with a custom jvp are graph breaks for dynamo).
     if not needs_tangent:
         return "sdpa"
-    return "triton" if _triton_available() else "torch"
+    return "triton" if q.is_cuda and _triton_available() else "torch"
 
 
 def _has_tangent(*xs: torch.Tensor) -> bool:
@@ -109,9 +109,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         scale: softmax scale, default 1 / sqrt(D).
         backend: "torch" (math reference, any device), "triton" (flash kernels; CUDA, or CPU under
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused attention: forward and backward only, no
-            forward-mode rule) or "auto": on CUDA triton when forward-mode tangents are present,
-            else sdpa; torch on CPU. Inside torch.compile "auto" assumes no tangents: compiling a
-            torch.func.jvp through attention needs backend="triton".
+            forward-mode rule) or "auto": sdpa when no forward-mode tangent is present, else
+            triton on CUDA and torch on CPU. Inside torch.compile "auto" assumes no tangents:
+            compiling a torch.func.jvp through attention needs backend "triton" or "torch".
     Returns:
         o: (B, H, N, D) in q's dtype.
     """
@@ -119,7 +119,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         raise ValueError(f"attention expects q, k, v of equal shape (B, H, N, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick_backend(q, backend, needs_tangent=q.is_cuda and backend == "auto" and _has_tangent(q, k, v))
+    backend = _pick_backend(q, backend, needs_tangent=backend == "auto" and _has_tangent(q, k, v))
     if backend == "sdpa":
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if backend == "triton":
@@ -135,12 +135,17 @@ def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq
 
     Args:
         q, k, v, dq, dk, dv: (B, H, N, D).
-        backend: "torch" (math) or "triton" (one fused flash pass); "auto" picks triton on CUDA.
+        backend: "torch" (math) or "triton" (one fused flash pass); "auto" picks triton on CUDA;
+            "sdpa" (a model whose primal passes use SDPA) picks triton where it can launch (CUDA,
+            or CPU under TRITON_INTERPRET=1), else torch.
     Returns:
         (o, do): (B, H, N, D) each, in q's dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick_backend(q, "auto" if backend == "sdpa" else backend, needs_tangent=True)
+    if backend == "sdpa":  # SDPA has no tangent rule: its counterpart is the fused Triton pass
+        launchable = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        backend = "triton" if launchable and _triton_available() else "torch"
+    backend = _pick_backend(q, backend, needs_tangent=True)
     with torch.no_grad():
         if backend == "triton":
             from kernels.attention_triton import triton_attention_with_tangent

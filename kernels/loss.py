@@ -64,13 +64,13 @@ if triton is not None:
         tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _sq_loss_bwd_kernel(pred_ptr, target_ptr, tangent_ptr, coef_ptr, inv_w_ptr, g_ptr,
-                            grad_ptr, M, stride_pred, stride_target, stride_tangent, stride_g,
+    def _sq_loss_bwd_kernel(pred_ptr, target_ptr, tangent_ptr, coef_ptr, g_ptr, grad_ptr, M,
+                            stride_pred, stride_target, stride_tangent,
                             HAS_TANGENT: tl.constexpr, BLOCK: tl.constexpr):
-        """grad[b, :] = 2 g_b inv_w_b (pred + coef_b tangent - target); grad is contiguous."""
+        """grad[b, :] = 2 g_b (pred + coef_b tangent - target); g and grad are contiguous."""
         c = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        acc_ty = inv_w_ptr.dtype.element_ty
+        acc_ty = g_ptr.dtype.element_ty
         cols = c * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         d = (tl.load(pred_ptr + b * stride_pred + cols, mask=mask, other=0.0).to(acc_ty)
@@ -78,7 +78,7 @@ if triton is not None:
         if HAS_TANGENT:
             d += tl.load(coef_ptr + b).to(acc_ty) * tl.load(
                 tangent_ptr + b * stride_tangent + cols, mask=mask, other=0.0).to(acc_ty)
-        scale = 2.0 * tl.load(g_ptr + b * stride_g).to(acc_ty) * tl.load(inv_w_ptr + b)
+        scale = 2.0 * tl.load(g_ptr + b)
         tl.store(grad_ptr + b * M + cols, (scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -89,55 +89,67 @@ def _chunk(B: int, M: int) -> int:
 
 
 ####################################################################################################
-# autograd.Function (Triton)
+# Custom ops (Triton): opaque to torch.compile, so a compiled step keeps them in its graph
 ####################################################################################################
 
-class _TritonAdaptiveSqLoss(torch.autograd.Function):
-    """Triton forward (partial sums, then a deterministic per-row finish) and backward.
+@torch.library.custom_op("fastmf::sq_error_rows", mutates_args=())
+def _sq_error_rows(pred: torch.Tensor, target: torch.Tensor, tangent: torch.Tensor | None,
+                   coef: torch.Tensor | None) -> torch.Tensor:
+    """L_b = sum_j (pred + coef_b tangent - target)^2 per row of (B, M) views with unit column stride.
 
-    Takes 2D (B, M) views whose rows are contiguous (stride(1) == 1); the batch stride is passed
-    to the kernels, so batch slices of a bigger tensor need no copy. `coef` is a contiguous (B,)
-    tensor (unused without a tangent). The batch is grid axis 1, so B <= 65535 on CUDA.
+    Partial sums per chunk, then a per-row sum in torch: deterministic (no atomics). `coef` is a
+    contiguous (B,) tensor in the accumulation dtype, given exactly when `tangent` is.
+    The batch is grid axis 1, so B <= 65535 on CUDA.
     """
+    B, M = pred.shape
+    chunk = _chunk(B, M)
+    n_chunks = triton.cdiv(M, chunk)
+    partial = torch.empty(B, n_chunks, device=pred.device, dtype=_acc_dtype(pred.dtype))  # (B, n_chunks)
+    has_t = tangent is not None
+    t, c = (tangent, coef) if has_t else (pred, pred)  # stand-in pointers, never read
+    _sq_loss_fwd_kernel[(n_chunks, B)](
+        pred, target, t, c, partial, M, chunk, n_chunks,
+        pred.stride(0), target.stride(0), t.stride(0),
+        HAS_TANGENT=has_t, BLOCK=_BLOCK)
+    return partial.sum(1)                                                         # (B,)
 
-    @staticmethod
-    def forward(pred, target, tangent, coef, eps, p):
-        B, M = pred.shape
-        acc = _acc_dtype(pred.dtype)
-        chunk = _chunk(B, M)
-        n_chunks = triton.cdiv(M, chunk)
-        partial = torch.empty(B, n_chunks, device=pred.device, dtype=acc)        # (B, n_chunks)
-        has_t = tangent is not None
-        t, c = (tangent, coef) if has_t else (pred, pred)  # stand-in pointers, never read
-        _sq_loss_fwd_kernel[(n_chunks, B)](
-            pred, target, t, c, partial, M, chunk, n_chunks,
-            pred.stride(0), target.stride(0), t.stride(0),
-            HAS_TANGENT=has_t, BLOCK=_BLOCK)
-        # Summing the few partials in torch keeps the result deterministic (no atomics).
-        raw = partial.sum(1)                                                      # (B,)
-        inv_w = (raw + eps).pow(-p)                                               # (B,)
-        # inv_w is an output (non-differentiable) because only setup_context can save for backward.
-        return raw * inv_w, raw, inv_w
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pred, target, tangent, coef, _eps, _p = inputs
-        _, raw, inv_w = output
-        ctx.mark_non_differentiable(raw, inv_w)
-        ctx.save_for_backward(pred, target, tangent, coef, inv_w)
+@_sq_error_rows.register_fake
+def _(pred, target, tangent, coef):
+    return pred.new_empty(pred.shape[0], dtype=_acc_dtype(pred.dtype))
 
-    @staticmethod
-    def backward(ctx, g, _g_raw, _g_inv_w):
-        pred, target, tangent, coef, inv_w = ctx.saved_tensors
-        B, M = pred.shape
-        grad = torch.empty(B, M, device=pred.device, dtype=pred.dtype)            # (B, M)
-        has_t = tangent is not None
-        t, c = (tangent, coef) if has_t else (pred, pred)
-        _sq_loss_bwd_kernel[(triton.cdiv(M, _BLOCK), B)](
-            pred, target, t, c, inv_w, g, grad, M,
-            pred.stride(0), target.stride(0), t.stride(0), g.stride(0),
-            HAS_TANGENT=has_t, BLOCK=_BLOCK)
-        return grad, None, None, None, None, None
+
+@torch.library.custom_op("fastmf::sq_error_rows_backward", mutates_args=())
+def _sq_error_rows_backward(pred: torch.Tensor, target: torch.Tensor, tangent: torch.Tensor | None,
+                            coef: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """d(sum_b g_b L_b)/d pred = 2 g_b (pred + coef_b tangent - target): (B, M), contiguous."""
+    B, M = pred.shape
+    grad = torch.empty(B, M, device=pred.device, dtype=pred.dtype)                # (B, M)
+    has_t = tangent is not None
+    t, c = (tangent, coef) if has_t else (pred, pred)
+    _sq_loss_bwd_kernel[(triton.cdiv(M, _BLOCK), B)](
+        pred, target, t, c, g.contiguous(), grad, M,
+        pred.stride(0), target.stride(0), t.stride(0),
+        HAS_TANGENT=has_t, BLOCK=_BLOCK)
+    return grad
+
+
+@_sq_error_rows_backward.register_fake
+def _(pred, target, tangent, coef, g):
+    return pred.new_empty(pred.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, g):
+    # Only pred is differentiated: target, tangent and coef are stop-grad by contract.
+    pred, target, tangent, coef = ctx.saved_tensors
+    return _sq_error_rows_backward(pred, target, tangent, coef, g.to(_acc_dtype(pred.dtype))), None, None, None
+
+
+_sq_error_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +231,6 @@ def adaptive_sq_loss(pred: torch.Tensor, target: torch.Tensor, tangent: torch.Te
 
     if _pick_backend(pred, backend) == "torch":
         return _torch_adaptive_sq_loss(pred, target, tangent, coef, eps, p)
-    weighted, raw, _ = _TritonAdaptiveSqLoss.apply(
-        _rows(pred), _rows(target.detach()), None if tangent is None else _rows(tangent.detach()),
-        coef, float(eps), float(p))
-    return weighted, raw
+    raw = _sq_error_rows(_rows(pred), _rows(target.detach()),
+                         None if tangent is None else _rows(tangent.detach()), coef)       # (B,)
+    return raw / (raw.detach() + eps).pow(p), raw.detach()

@@ -55,6 +55,7 @@ def test_auto_backend_choice():
     from kernels.attention import _has_tangent, _pick_backend
     cpu = torch.zeros(1, 1, 2, 4)
     assert _pick_backend(cpu, "auto", needs_tangent=True) == "torch"
+    assert _pick_backend(cpu, "auto", needs_tangent=False) == "sdpa"
     assert _pick_backend(cpu, "triton", needs_tangent=False) == "triton"
 
     class FakeCuda:  # only .is_cuda is read when choosing
@@ -65,3 +66,23 @@ def test_auto_backend_choice():
     seen = []
     torch.func.jvp(lambda a: seen.append(_has_tangent(a)) or a, (cpu,), (torch.ones_like(cpu),))
     assert seen == [True]
+
+
+def test_auto_backend_is_exact_under_jvp_and_backward():
+    """'auto' (SDPA without a tangent, the JVP-rule backend with one) gives the math reference's
+    output, tangent and gradients, through torch.func.jvp and forward_ad alike."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dq, dk, dv = torch.randn(6, 2, 3, 7, 8, generator=g, dtype=torch.float64)
+    o_ref, do_ref = torch.func.jvp(lambda *a: math_attention(*a, 8 ** -0.5), (q, k, v), (dq, dk, dv))
+    o, do = torch.func.jvp(lambda *a: attention(*a, backend="auto"), (q, k, v), (dq, dk, dv))
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(do, do_ref)
+    with fwAD.dual_level():
+        do_fw = fwAD.unpack_dual(attention(fwAD.make_dual(q, dq), fwAD.make_dual(k, dk),
+                                           fwAD.make_dual(v, dv), backend="auto")).tangent
+    torch.testing.assert_close(do_fw, do_ref)
+    qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    grads = torch.autograd.grad((attention(*qkv, backend="auto") * dq).sum(), qkv)
+    grads_ref = torch.autograd.grad((math_attention(*qkv, 8 ** -0.5) * dq).sum(), qkv)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)

@@ -142,3 +142,19 @@ def test_hand_written_jvp_equals_torch_func_jvp(variant, size, backend, dtype):
     torch.testing.assert_close(u, u_ref, **tol)
     torch.testing.assert_close(du, du_ref, **tol)
     assert du.grad_fn is None and du.abs().max() > 1e-2
+
+
+def test_apply_rope_rotates_pairs_eager_and_compiled():
+    """Both forms of apply_rope (complex multiply eager, real form compiled) equal an explicit
+    2x2 rotation of each channel pair (2i, 2i+1)."""
+    from fastmf.models.layers import apply_rope
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64)                 # (B, N, H, D)
+    ang = torch.rand(5, 4, generator=g, dtype=torch.float64) * 6                  # (N, D/2)
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    expected = torch.stack([c * a - s * b, s * a + c * b], -1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, ang.cos(), ang.sin()), expected, rtol=0, atol=1e-14)
+    torch._dynamo.reset()
+    compiled = torch.compile(apply_rope, fullgraph=True)(x, ang.cos(), ang.sin())
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-14)

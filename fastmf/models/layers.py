@@ -134,10 +134,19 @@ def rope_axial(grid: tuple[int, ...], num_prefix: int, head_dim: int,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, N, H, D) by angles given as cos/sin (N, D/2).
 
-    Computed in fp32 (fp64 for fp64 inputs) as the references do, as one complex multiply (fewer
-    dispatches than the real form, which counts twice under a JVP); returns that dtype.
+    Computed in fp32 (fp64 for fp64 inputs) as the references do; returns that dtype. Eager: one
+    complex multiply (fewer dispatches than the real form, which counts twice under a JVP).
+    Compiled: the real form x cos + swap_pairs(x) (-sin, sin), which inductor fuses with the norm
+    before it (it generates no code for complex ops; this form also vectorises on CPU, measured
+    2.5x faster there than stacking the two rotated halves).
     """
     ct = compute_dtype(x.dtype)
+    if torch.compiler.is_compiling():
+        xc = x.to(ct)
+        swapped = xc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)                   # (x1, x0, x3, x2, ...)
+        c = cos.to(ct).repeat_interleave(2, -1)[None, :, None]                      # (1, N, 1, D)
+        s = torch.stack([-sin, sin], dim=-1).flatten(-2).to(ct)[None, :, None]     # (1, N, 1, D)
+        return xc * c + swapped * s                                                 # (B, N, H, D)
     pairs = torch.view_as_complex(x.to(ct).unflatten(-1, (-1, 2)).contiguous())    # (B, N, H, D/2)
     rot = torch.complex(cos.to(ct), sin.to(ct))[None, :, None]                      # (1, N, 1, D/2)
     return torch.view_as_real(pairs * rot).flatten(-2)                              # (B, N, H, D)
