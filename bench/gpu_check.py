@@ -1,4 +1,5 @@
-"""GPU check: the fast step (Triton attention + fused loss) equals the reference objective on CUDA.
+"""GPU check: the fast step (Triton attention + fused loss) equals the reference objective on CUDA,
+eager and compiled as one graph (fullgraph=True, as the benchmark and train.py compile it).
 
 fp32, mit-tiny, same draws; prints the relative differences of loss and gradients.
 """
@@ -10,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmf.models import build  # noqa: E402
 from fastmf.objectives import draw, imf_loss_from_draws, objective_defaults  # noqa: E402
-from fastmf.train_step import fast_imf_loss_from_draws  # noqa: E402
+from fastmf.train_step import fast_imf_loss_from_draws, fast_loss_from_draws  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
@@ -28,9 +29,13 @@ for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
     model.set_attention_backend("torch")
     ref, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
     g_ref = torch.autograd.grad(ref, list(params.values()))
-    for backend in ("triton", "auto"):  # auto: SDPA primal passes + Triton tangent op
-        model.set_attention_backend(backend)
-        fast, _ = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")
+    compiled = torch.compile(lambda x, y, d: fast_loss_from_draws(apply, params, x, y, d, cfg), fullgraph=True)
+    for backend in ("triton", "auto", "auto-compiled"):  # auto: SDPA primal passes + Triton tangent op
+        model.set_attention_backend(backend.removesuffix("-compiled"))
+        if backend.endswith("compiled"):
+            fast, _ = compiled(x, y, d)
+        else:
+            fast, _ = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")
         g_fast = torch.autograd.grad(fast, list(params.values()))
         rel = max(((a - b).norm() / (b.norm() + 1e-12)).item() for a, b in zip(g_fast, g_ref))
         print(f"{variant} {size} attention {backend}: loss ref {ref.item():.6f} fast {fast.item():.6f} "

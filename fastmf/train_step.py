@@ -6,10 +6,13 @@ What differs from the reference computation (each exact, see tests/test_train_st
   model's hand-written JVP (MiT.u_jvp: explicit tangent rules, one no-grad pass, no dual tensors,
   fused attention forward+tangent) and u, v from an ordinary with-grad primal pass.
 - No work whose result is known. The first n_fm = int(B * data_proportion) samples are
-  flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent, and
-  their CFG interval is [0, 1], so the interval-masked guidance pass equals the first pass
-  for them. The tangent and the masked pass run on the other B - n_fm samples only (a static
-  size, so compiled graphs stay static), and all guidance is one batched v-head call.
+  flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent; their
+  CFG interval is [0, 1], so the interval-masked guidance pass equals the conditional one for
+  them; and that conditional pass has exactly the with-grad pass's inputs (h = 0), so it is
+  that pass's v, detached. The reference's three v-head passes of B samples each (3B) shrink
+  to one no-grad call of B + (B - n_fm): the unconditional v for all, the masked conditional v
+  for the others. The tangent pass also runs on those B - n_fm samples only (a static size, so
+  compiled graphs stay static).
 - The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
   (kernels.adaptive_sq_loss) forward and backward.
 """
@@ -22,30 +25,30 @@ from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, d
                                interpolate, mf_guided_velocity)
 
 
-def fast_guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, n_fm: int, num_classes: int):
-    """fastmf.objectives.guidance in one v-head call of 2B + (B - n_fm) samples.
+def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int):
+    """The guidance v-head passes the with-grad pass cannot stand in for: one call, B + (B - n_fm) samples.
 
-    The masked pass does not depend on the first pass's outputs, so it joins the doubled batch,
-    and it runs only for samples n_fm: (for the others it would repeat the conditional pass).
+    Returns v_u (B, C, *S), the unconditional v (null class, omega 1); v_m (B - n_fm, C, *S), the
+    conditional v of samples n_fm: with omega set to 1 outside their interval [t_min, t_max] (the
+    JVP tangent and guidance of those samples); and that scale w (B,).
     """
     with torch.no_grad():
         B = z_t.shape[0]
         s = slice(n_fm, B)
         ones = torch.ones_like(t)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
-        tt = torch.cat([t, t, t[s]])                                                  # (2B + Bm,)
-        _, vv = apply(params, torch.cat([z_t, z_t, z_t[s]]), tt, torch.zeros_like(tt),
-                      torch.cat([d.omega, ones, w[s]]), torch.zeros_like(tt), torch.ones_like(tt),
-                      torch.cat([y, torch.full_like(y, num_classes), y[s]]), heads="v")
-        v_c = torch.cat([vv[:n_fm], vv[2 * B:]])                                      # (B, C, *S)
-        v_u = vv[B:2 * B]
-        # FM samples: w = omega (interval [0, 1]), so this is the reference's v_g_fm for them.
-        v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
-    return v_g, v_c
+        tt = torch.cat([t, t[s]])                                                     # (2B - n_fm,)
+        _, vv = apply(params, torch.cat([z_t, z_t[s]]), tt, torch.zeros_like(tt), torch.cat([ones, w[s]]),
+                      torch.zeros_like(tt), torch.ones_like(tt),
+                      torch.cat([torch.full_like(y, num_classes), y[s]]), heads="v")
+    return vv[:B], vv[B:], w
 
 
 def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple, n_fm: int) -> torch.Tensor:
-    """du/dt along (tangent, 1, 0) for samples n_fm: (zeros for the rest), without autograd graph."""
+    """du/dt along (tangent, 1, 0) for samples n_fm: (zeros for the rest), without autograd graph.
+
+    `tangent` holds the z-tangent of samples n_fm: only, (B - n_fm, C, *S).
+    """
     B = z_t.shape[0]
     if n_fm == B:
         return torch.zeros_like(z_t)
@@ -54,7 +57,7 @@ def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple
     ones = torch.ones_like(t[s])
     # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) in one pass.
     _, du = apply(params, z_t[s], t[s], t[s] - r[s], omega, t_min, t_max, y_in, heads="u",
-                  tangents=(tangent[s], ones, ones))
+                  tangents=(tangent, ones, ones))
     return torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
 
 
@@ -66,10 +69,17 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     n_fm = int(B * cfg.data_proportion)
     t, r = d.t, d.r
     tb, z_t, v_t = interpolate(x, d, cfg)
-    v_g, v_c = fast_guidance(apply, params, z_t, t, v_t, y, d, n_fm, cfg.num_classes)
-    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
-    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_c, (d.omega, d.t_min, d.t_max, y_in), n_fm)
+    y_in = torch.where(d.drop_mask, cfg.num_classes, y)                               # dropped: null class
+    v_u, v_m, w = fast_guidance(apply, params, z_t, t, y, d, n_fm, cfg.num_classes)
+    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_m, (d.omega, d.t_min, d.t_max, y_in), n_fm)
     u, v = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="uv")
+    with torch.no_grad():
+        # The reference's conditional guidance pass for FM samples has exactly the with-grad pass's
+        # inputs (h = 0, interval [0, 1], label y) wherever its result is used (dropped samples
+        # regress v_t), and their w equals omega: their v_c is v, detached.
+        v_c = torch.cat([v[:n_fm], v_m])                                              # (B, C, *S)
+        v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
+        v_g = torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
     loss_u, raw_u = adaptive_sq_loss(u, v_g, du_dt, t - r, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
     loss_v, raw_v = adaptive_sq_loss(v, v_g, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
     loss = loss_u + loss_v
@@ -93,7 +103,7 @@ def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: t
     _, z_t, v_t = interpolate(x, d, cfg)
     v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
-    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_g, (d.omega, d.t_min, d.t_max, y_in), n_fm)
+    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_g[n_fm:], (d.omega, d.t_min, d.t_max, y_in), n_fm)
     u, _ = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="u")
     # (u - sg(v_g - c du/dt))^2 = (u + c du/dt - v_g)^2 with c = clip(t - r, 0, 1)
     loss, raw = adaptive_sq_loss(u, v_g, du_dt, (t - r).clamp(0, 1), eps=cfg.norm_eps, p=cfg.norm_p,
