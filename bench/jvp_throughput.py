@@ -13,20 +13,26 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
          and the fused Triton forward+tangent kernel for the JVP pass
 `--compile` adds torch.compile'd fm and fast steps (loss + backward compiled, draws and Adam
 eager; `--compile-mode reduce-overhead` replays them as CUDA graphs).
-Reports ms/step, samples/s, peak memory (CUDA: step_peak_MiB = peak minus what was allocated before the
-case, i.e. weights and batch) and the activation memory autograd keeps for
-backward (saved tensors, measured eagerly on any device), ratios fast/fm and fast/naive, and
-compile time apart from steady state. JSON goes to --out.
+Each case has its own copy of the weights and its own Adam. After warm-up the cases run in
+interleaved rounds (one step of each per round, synchronised) and report the median: machine
+noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, peak memory
+(CUDA: step_peak_MiB = the largest peak during a step minus what was allocated before it) and the
+activation memory autograd keeps for backward (saved tensors, measured eagerly on any device),
+ratios fast/fm and fast/naive, and compile time (first step) apart from steady state. JSON goes
+to --out.
 """
 import argparse
+import copy
 import gc
 import json
+import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmf.models import PRESETS, build  # noqa: E402
@@ -75,69 +81,87 @@ def saved_bytes(fn) -> int:
     return sum(v if isinstance(v, int) else v.nbytes() for v in seen.values())
 
 
-def run_case(name, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compile_=False):
-    model.set_attention_backend(attn)
-    params = dict(model.named_parameters())
-    # fused Adam on CUDA (as train.py): a few kernels per step instead of several per parameter
-    opt = torch.optim.Adam(params.values(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
-    apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
-    gen = torch.Generator(device=device).manual_seed(0)
-    step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)
-    if compile_:  # draws stay eager (explicit generators do not trace), as in train.py
-        step_loss = torch.compile(step_loss, mode=None if args.compile_mode == "default" else args.compile_mode)
-    cudagraphs = compile_ and args.compile_mode == "reduce-overhead"
-    compute = lambda: step_loss(x, y, draw_fn(x, gen, cfg))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+class Case:
+    """One timed train step (loss, backward, Adam) on its own copy of the model and optimizer."""
 
-    def step():
-        if cudagraphs:  # a new iteration: outputs of the previous replay may be overwritten
+    def __init__(self, name, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compiled=False):
+        self.name, self.compiled, self.device = name, compiled, device
+        self.model = copy.deepcopy(model)
+        self.model.set_attention_backend(attn)
+        params = dict(self.model.named_parameters())
+        # fused Adam on CUDA (as train.py): a few kernels per step instead of several per parameter
+        self.opt = torch.optim.Adam(params.values(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+        apply = lambda p, *a, **kw: torch.func.functional_call(self.model, p, a, kw)
+        gen = torch.Generator(device=device).manual_seed(0)
+        step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)
+        if compiled:  # draws stay eager (explicit generators do not trace), as in train.py
+            step_loss = torch.compile(step_loss, mode=None if args.compile_mode == "default" else args.compile_mode)
+        self.cudagraphs = compiled and args.compile_mode == "reduce-overhead"
+        self.compute = lambda: step_loss(x, y, draw_fn(x, gen, cfg))
+        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+        self.rec = {"case": name, "attention": attn, "compiled": args.compile_mode if compiled else False}
+        self.times, self.peaks = [], []
+
+    def step(self):
+        if self.cudagraphs:  # a new iteration: outputs of the previous replay may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with amp:
-            loss, _ = compute()
-        opt.zero_grad(set_to_none=True)
+        with self.amp():
+            loss, _ = self.compute()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    rec = {"case": name, "attention": attn, "compiled": args.compile_mode if compile_ else False}
-    # Earlier cases can leave reference cycles (jvp closures, an OOM traceback) holding memory.
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        rec["baseline_MiB"] = torch.cuda.memory_allocated() / 2**20
-    try:
-        if not compile_:
-            with amp:
-                rec["saved_activation_MiB"] = saved_bytes(compute) / 2**20
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        rec["first_step_s"] = time.perf_counter() - t0   # includes compile / autotune
-        for _ in range(args.warmup):
-            step()
-        if device.type == "cuda":
+    def timed_step(self):
+        """One synchronised step: its time, and on CUDA its peak above what was allocated before it."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        sync()
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        ms = (time.perf_counter() - t0) / args.steps * 1e3
-        rec |= {"ms_per_step": ms, "samples_per_s": x.shape[0] / ms * 1e3}
-        if device.type == "cuda":
-            rec["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-            rec["step_peak_MiB"] = rec["peak_MiB"] - rec["baseline_MiB"]
-    except torch.OutOfMemoryError:
-        rec["error"] = "out of memory"
-    except Exception as e:  # a benchmark reports a failing case and goes on
-        rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        traceback.print_exc()
-    finally:
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rec
+        self.step()
+        if cuda:
+            torch.cuda.synchronize()
+            self.peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return time.perf_counter() - t0
+
+    def guarded(self, fn):
+        """Run fn; a failing case records its error (out of memory, ...) and drops out."""
+        if "error" in self.rec:
+            return
+        try:
+            fn()
+        except torch.OutOfMemoryError:
+            self.rec["error"] = "out of memory"
+        except Exception as e:  # a benchmark reports a failing case and goes on
+            self.rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            traceback.print_exc()
+        if "error" in self.rec:
+            self.opt.zero_grad(set_to_none=True)
+            self.model, self.opt, self.compute = None, None, None  # free its memory for the others
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def warm_up(self, n):
+        def run():
+            if not self.compiled:
+                with self.amp():
+                    self.rec["saved_activation_MiB"] = saved_bytes(self.compute) / 2**20
+            self.rec["first_step_s"] = self.timed_step()   # includes compile / autotune
+            for _ in range(n):
+                self.timed_step()
+            self.peaks.clear()
+        self.guarded(run)
+
+    def result(self, batch):
+        if "error" not in self.rec and self.times:
+            ms = statistics.median(self.times) * 1e3
+            self.rec |= {"ms_per_step": ms, "samples_per_s": batch / ms * 1e3,
+                         "ms_per_step_min": min(self.times) * 1e3, "ms_per_step_max": max(self.times) * 1e3}
+            if self.peaks:
+                self.rec["step_peak_MiB"] = max(self.peaks)
+        return self.rec
 
 
 def main():
@@ -149,8 +173,8 @@ def main():
     p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every case each)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case after the first")
     p.add_argument("--cases", default="fm,naive,fast", help="comma list of fm, naive, fast")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd fm and fast steps (naive stays eager by definition)")
@@ -191,11 +215,19 @@ def main():
         if c not in plan:
             p.error(f"unknown case {c!r}; choose from fm, naive, fast")
     runs = [(c, False) for c in cases] + [(c, True) for c in cases if args.compile and c != "naive"]
-    results = []
+    live = []
     for c, compiled in runs:
         draw_fn, loss_fn, attn = plan[c]
-        results.append(run_case(c, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compile_=compiled))
-        print(json.dumps(results[-1]))
+        case = Case(c, draw_fn, loss_fn, model, attn, args, x, y, cfg, device, compiled)
+        case.warm_up(args.warmup)
+        live.append(case)
+        print(f"{c}{' (compiled)' if compiled else ''} ready: {json.dumps(case.rec)}")
+    # Interleaved rounds, one step of each case per round; medians: drifting machine load then
+    # hits every case alike instead of whichever ran during a slow stretch.
+    for _ in tqdm(range(args.steps), desc="rounds", disable=None):
+        for case in live:
+            case.guarded(lambda: case.times.append(case.timed_step()))
+    results = [case.result(args.batch) for case in live]
     by = {(r["case"], bool(r["compiled"])): r for r in results if "ms_per_step" in r}
     ratios = {}
     for (fast_c, base, base_c) in [(False, "fm", False), (False, "naive", False), (True, "fm", True),
@@ -208,13 +240,13 @@ def main():
         for mem in ("step_peak_MiB", "saved_activation_MiB"):
             if mem in a and mem in b:
                 ratios[f"{tag}_{mem}"] = a[mem] / b[mem]
-    print("\n| case | ms/step | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
+    print("\n| case | ms/step (min-max) | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
     for r in results:
         name = r["case"] + (f" (compiled, {r['compiled']})" if r["compiled"] else "")
         if "error" in r:
             print(f"| {name} | {r['error']} | | | | |")
         else:
-            print(f"| {name} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r.get('step_peak_MiB', float('nan')):.0f} "
+            print(f"| {name} | {r['ms_per_step']:.1f} ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f}) | {r['samples_per_s']:.1f} | {r.get('step_peak_MiB', float('nan')):.0f} "
                   f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r['first_step_s']:.1f} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")

@@ -1,0 +1,20 @@
+"""The benchmark of record runs on CPU and reports every case and ratio (a smoke test, no timing claims)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_jvp_throughput_runs_all_cases(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/jvp_throughput.py"), "--batch", "8", "--steps", "2",
+                    "--warmup", "0", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rep = json.loads(out.read_text())
+    assert [r["case"] for r in rep["results"]] == ["fm", "naive", "fast"]
+    for r in rep["results"]:
+        assert "error" not in r and r["ms_per_step"] > 0 and r["saved_activation_MiB"] > 0
+    assert {"fast/fm_time", "fast/naive_time", "fast/naive_saved_activation_MiB"} <= set(rep["ratios"])
+    # The fast step keeps no tangent graph: clearly less saved activation memory than naive.
+    assert rep["ratios"]["fast/naive_saved_activation_MiB"] < 0.6
