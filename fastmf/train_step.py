@@ -1,17 +1,18 @@
 """The fast MeanFlow loss: same value and gradients as fastmf.objectives, less work and memory.
 
 What differs from the reference computation (each exact, see tests/test_train_step.py):
-- No tangent graph. `torch.func.jvp` records the tangent ops in the autograd graph although du/dt
-  is stop-grad (pytorch issue 151782), doubling activation memory. Here du/dt comes from the
-  model's hand-written JVP (MiT.u_jvp: explicit tangent rules, one no-grad pass, no dual tensors,
-  fused attention forward+tangent) and u, v from an ordinary with-grad primal pass.
+- No tangent graph, no second pass for it. `torch.func.jvp` records the tangent ops in the
+  autograd graph although du/dt is stop-grad (pytorch issue 151782), doubling activation memory.
+  Here one with-grad pass gives u and v for the batch and, by MiT's hand-written JVP rules
+  (`tangents=...`: explicit rules, no dual tensors, tangent ops outside autograd), du/dt for the
+  samples that need it, reusing that pass's primal activations.
 - No work whose result is known. The first n_fm = int(B * data_proportion) samples are
   flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent; their
   CFG interval is [0, 1], so the interval-masked guidance pass equals the conditional one for
   them; and that conditional pass has exactly the with-grad pass's inputs (h = 0), so it is
   that pass's v, detached. The reference's three v-head passes of B samples each (3B) shrink
   to one no-grad call of B + (B - n_fm): the unconditional v for all, the masked conditional v
-  for the others. The tangent pass also runs on those B - n_fm samples only (a static size, so
+  for the others. The tangent is carried for those B - n_fm samples only (a static size, so
   compiled graphs stay static).
 - The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
   (kernels.adaptive_sq_loss) forward and backward.
@@ -44,21 +45,22 @@ def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int,
     return vv[:B], vv[B:], w
 
 
-def tangent_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple, n_fm: int) -> torch.Tensor:
-    """du/dt along (tangent, 1, 0) for samples n_fm: (zeros for the rest), without autograd graph.
+def forward_with_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: tuple, n_fm: int, heads: str):
+    """The with-grad pass (u, and v for heads="uv") that also carries du/dt along (tangent, 1, 0)
+    for samples n_fm: (zeros for the rest; stop-grad). `tangent`: (B - n_fm, C, *S) for those samples.
 
-    `tangent` holds the z-tangent of samples n_fm: only, (B - n_fm, C, *S).
+    Returns (u, v, du_dt); v is None for heads="u".
     """
     B = z_t.shape[0]
-    if n_fm == B:
-        return torch.zeros_like(z_t)
-    s = slice(n_fm, B)
-    omega, t_min, t_max, y_in = (c[s] for c in cond)
-    ones = torch.ones_like(t[s])
-    # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) in one pass.
-    _, du = apply(params, z_t[s], t[s], t[s] - r[s], omega, t_min, t_max, y_in, heads="u",
-                  tangents=(tangent, ones, ones))
-    return torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
+    args = (params, z_t, t, t - r, *cond)
+    if n_fm == B:  # all flow matching: no tangent anywhere
+        u, v = apply(*args, heads=heads)
+        return u, v, torch.zeros_like(z_t)
+    ones = torch.ones_like(t[n_fm:])
+    # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) for the last B - n_fm.
+    out = apply(*args, heads=heads, tangents=(tangent, ones, ones))
+    (u, du), v = (out, None) if heads == "u" else (out[::2], out[1])
+    return u, v, torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
 
 
 def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
@@ -71,8 +73,7 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     tb, z_t, v_t = interpolate(x, d, cfg)
     y_in = torch.where(d.drop_mask, cfg.num_classes, y)                               # dropped: null class
     v_u, v_m, w = fast_guidance(apply, params, z_t, t, y, d, n_fm, cfg.num_classes)
-    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_m, (d.omega, d.t_min, d.t_max, y_in), n_fm)
-    u, v = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="uv")
+    u, v, du_dt = forward_with_du_dt(apply, params, z_t, t, r, v_m, (d.omega, d.t_min, d.t_max, y_in), n_fm, "uv")
     with torch.no_grad():
         # The reference's conditional guidance pass for FM samples has exactly the with-grad pass's
         # inputs (h = 0, interval [0, 1], label y) wherever its result is used (dropped samples
@@ -103,8 +104,7 @@ def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: t
     _, z_t, v_t = interpolate(x, d, cfg)
     v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
-    du_dt = tangent_du_dt(apply, params, z_t, t, r, v_g[n_fm:], (d.omega, d.t_min, d.t_max, y_in), n_fm)
-    u, _ = apply(params, z_t, t, t - r, d.omega, d.t_min, d.t_max, y_in, heads="u")
+    u, _, du_dt = forward_with_du_dt(apply, params, z_t, t, r, v_g[n_fm:], (d.omega, d.t_min, d.t_max, y_in), n_fm, "u")
     # (u - sg(v_g - c du/dt))^2 = (u + c du/dt - v_g)^2 with c = clip(t - r, 0, 1)
     loss, raw = adaptive_sq_loss(u, v_g, du_dt, (t - r).clamp(0, 1), eps=cfg.norm_eps, p=cfg.norm_p,
                                  backend=loss_backend)

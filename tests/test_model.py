@@ -158,3 +158,43 @@ def test_apply_rope_rotates_pairs_eager_and_compiled():
     torch._dynamo.reset()
     compiled = torch.compile(apply_rope, fullgraph=True)(x, ang.cos(), ang.sin())
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("variant,size,backend,dtype", [
+    ("imf", (8, 8), "torch", torch.float64), ("pmf", (4, 6, 4), "torch", torch.float64),
+    ("pmf", (8, 8), "auto", torch.float64), ("imf", (4, 4, 4), "triton", torch.float32)])
+def test_with_grad_pass_carries_the_tangent_of_its_last_samples(variant, size, backend, dtype):
+    """heads="uv" with tangents for the last Bt samples: u, v and their gradients are a plain
+    pass's; du equals torch.func.jvp for those samples and carries no autograd graph."""
+    model = tiny_model(variant, input_size=size, dtype=dtype)
+    B, Bt = 5, 3
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(B, 2, *size, generator=g, dtype=dtype)
+    dz = torch.randn(Bt, 2, *size, generator=g, dtype=dtype)
+    t = torch.tensor([0.3, 0.9, 0.5, 0.03, 0.7], dtype=dtype)
+    r = torch.tensor([0.3, 0.1, 0.2, 0.01, 0.7], dtype=dtype)
+    omega = torch.tensor([1.0, 2.0, 4.0, 1.5, 3.0], dtype=dtype)
+    t_min, t_max, y = torch.zeros(B, dtype=dtype), torch.ones(B, dtype=dtype), torch.tensor([0, 4, 5, 1, 2])
+    ones, zeros = torch.ones(Bt, dtype=dtype), torch.zeros(Bt, dtype=dtype)
+    params = list(model.parameters())
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+
+    model.set_attention_backend("torch")
+    u_ref, v_ref = model(z, t, t - r, omega, t_min, t_max, y, heads="uv")
+    g_ref = torch.autograd.grad((u_ref * 1.3).sum() + v_ref.square().sum(), params)
+    s = slice(B - Bt, B)
+    _, du_ref = torch.func.jvp(u_of(model, omega[s], t_min[s], t_max[s], y[s]), (z[s], t[s], r[s]), (dz, ones, zeros))
+
+    model.set_attention_backend(backend)
+    u, v, du = model(z, t, t - r, omega, t_min, t_max, y, heads="uv", tangents=(dz, ones, ones))
+    grads = torch.autograd.grad((u * 1.3).sum() + v.square().sum(), params)
+    torch.testing.assert_close(u, u_ref, **tol)
+    torch.testing.assert_close(v, v_ref, **tol)
+    torch.testing.assert_close(du, du_ref, **tol)
+    assert du.grad_fn is None and du.abs().max() > 1e-2
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(ValueError, match="u-head"):
+        model(z, t, t - r, omega, t_min, t_max, y, heads="v", tangents=(dz, ones, ones))
+    with pytest.raises(ValueError, match="Bt <="):
+        model(z[:2], t[:2], (t - r)[:2], omega[:2], t_min[:2], t_max[:2], y[:2], heads="u", tangents=(dz, ones, ones))

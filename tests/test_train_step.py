@@ -75,14 +75,18 @@ def test_pmf_perceptual_term_matches_reference_and_counts():
 
 
 def test_tangent_pass_compiles_as_one_graph_with_triton_attention():
-    """The hand-written JVP pass has no graph break, Triton attention included (a custom op)."""
+    """A pure (no-grad) hand-written JVP pass has no graph break, the fused Triton attention
+    forward+tangent included (a custom op)."""
     model = tiny_model("pmf", dtype=torch.float32, num_classes=NC, depth=2, aux_head_depth=1)
     B = 3
     g = torch.Generator().manual_seed(6)
     z, dz = torch.randn(2, B, 2, 8, 8, generator=g)
     t = torch.tensor([0.9, 0.4, 0.2])
     om, t_min, t_max, y, ones = t * 0 + 2, t * 0, t * 0 + 1, torch.tensor([0, 1, 2]), torch.ones(B)
-    fn = lambda z, dz: model(z, t, t * 0.5, om, t_min, t_max, y, heads="u", tangents=(dz, ones, ones))
+
+    def fn(z, dz):
+        with torch.no_grad():
+            return model(z, t, t * 0.5, om, t_min, t_max, y, heads="u", tangents=(dz, ones, ones))
     model.set_attention_backend("torch")
     u_ref, du_ref = fn(z, dz)
     model.set_attention_backend("triton")

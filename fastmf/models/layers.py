@@ -27,12 +27,14 @@ class RMSNorm(nn.Module):
         return xc.to(x.dtype) * self.weight
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, dy): d(x r) = r dx - x r^3 mean(x dx), r = rsqrt(mean(x^2) + eps)."""
-        ct = compute_dtype(x.dtype)
-        xc, dxc = x.to(ct), dx.to(ct)
-        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-        dn = r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)
-        return (xc * r).to(x.dtype) * self.weight, dn.to(dx.dtype) * self.weight
+        """(y, dy); see `tail` for the shapes. d(x r) = r dx - x r^3 mean(x dx), r = rsqrt(mean(x^2) + eps)."""
+        y = self(x)
+        with torch.no_grad():
+            ct = compute_dtype(x.dtype)
+            xc, dxc = tail(x, dx).to(ct), dx.to(ct)
+            r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+            dn = r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)
+            return y, dn.to(dx.dtype) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -48,10 +50,25 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, dy); see `tail` for the shapes."""
         a, b = self.w1(x), self.w3(x)
-        da, db = F.linear(dx, self.w1.weight), F.linear(dx, self.w3.weight)
-        sa, dsa = silu_jvp(a, da)
-        return self.w2(sa * b), F.linear(dsa * b + sa * db, self.w2.weight)
+        y = self.w2(F.silu(a) * b)
+        with torch.no_grad():
+            da, db = F.linear(dx, self.w1.weight), F.linear(dx, self.w3.weight)
+            at, bt = tail(a, dx), tail(b, dx)
+            sa, dsa = silu_jvp(at, da)
+            return y, F.linear(dsa * bt + sa * db, self.w2.weight)
+
+
+def tail(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+    """The rows of primal p (B, ...) that tangent dp (Bt, ...) belongs to: its last Bt, detached.
+
+    The hand-written JVP rules (`jvp` methods) take a primal batch of B samples and a tangent for
+    its last Bt <= B samples: the primal output keeps its autograd graph (grad mode permitting),
+    the tangent is computed without one. So one with-grad pass over a batch can also carry the
+    (stop-grad) tangent of some of its samples.
+    """
+    return p[p.shape[0] - dp.shape[0]:].detach()
 
 
 def silu_jvp(a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +96,17 @@ class ScalarEmbedder(nn.Module):
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, freq_dim)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))                         # (B, hidden)
 
-    def jvp(self, s: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def tangent(self, s: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+        """d forward(s) along ds (both (B,)): (B, hidden), no autograd."""
         freqs = self.freqs(s)                                                       # (half,)
         args = s.to(freqs.dtype)[:, None] * freqs[None]                             # (B, half)
         dargs = ds.to(freqs.dtype)[:, None] * freqs[None]                           # (B, half)
         w = self.mlp[0].weight
-        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype)
         dfeats = torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1).to(w.dtype)
-        a, da = self.mlp[0](feats), F.linear(dfeats, w)
-        sa, dsa = silu_jvp(a, da)
-        return self.mlp[2](sa), F.linear(dsa, self.mlp[2].weight)                   # (B, hidden) x2
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype)
+        _, dsa = silu_jvp(self.mlp[0](feats), F.linear(dfeats, w))
+        return F.linear(dsa, self.mlp[2].weight)                                    # (B, hidden)
 
 
 class LabelEmbedder(nn.Module):

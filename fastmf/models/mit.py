@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from kernels import attention, attention_with_tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
-                                  rope_axial, unpatchify)
+                                  rope_axial, tail, unpatchify)
 
 VARIANTS = ("mf", "imf", "pmf")
 
@@ -117,21 +116,35 @@ class RoPEAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))           # (B, N, C)
 
     def jvp(self, x, dx, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, d out) for input tangent dx; RoPE is linear, so it rotates the tangents too."""
+        """(out, d out) for tangent dx of the last len(dx) samples (layers.tail); RoPE is linear,
+        so it rotates the tangents too."""
         B, N, C = x.shape
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))            # (B, N, H, Dh)
         qkv = []
         for proj, norm in ((self.q_proj, self.q_norm), (self.k_proj, self.k_norm), (self.v_proj, None)):
-            a, da = heads(proj(x)), heads(F.linear(dx, proj.weight))
+            a = heads(proj(x))
+            with torch.no_grad():
+                da = heads(F.linear(dx, proj.weight))
             if norm is not None:
                 a, da = norm.jvp(a, da)
-                a, da = apply_rope(a, cos, sin), apply_rope(da, cos, sin)
+                a = apply_rope(a, cos, sin)
+                with torch.no_grad():
+                    da = apply_rope(da, cos, sin)
             qkv.append((a, da))
         dtype = qkv[2][0].dtype
         (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.to(dtype).transpose(1, 2)) for a, da in qkv]
-        o, do = attention_with_tangent(q, k, v, dq, dk, dv, backend=self.backend)  # (B, H, N, Dh) x2
-        flat = lambda t: t.transpose(1, 2).reshape(B, N, C)
-        return self.out_proj(flat(o)), F.linear(flat(do), self.out_proj.weight)
+        flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
+        if dx.shape[0] == B and not torch.is_grad_enabled():
+            # A pure tangent pass: one fused kernel gives O and dO.
+            o, do = attention_with_tangent(q, k, v, dq, dk, dv, backend=self.backend)  # (B, H, N, Dh) x2
+        else:
+            o = attention(q, k, v, backend=self.backend)                                   # (B, H, N, Dh)
+            with torch.no_grad():
+                _, do = attention_with_tangent(tail(q, dq), tail(k, dk), tail(v, dv), dq, dk, dv,
+                                               backend=self.backend)                      # (Bt, H, N, Dh)
+        out = self.out_proj(flat(o))
+        with torch.no_grad():
+            return out, F.linear(flat(do), self.out_proj.weight)
 
 
 class Block(nn.Module):
@@ -151,10 +164,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)) * self.mlp_scale               # (B, N, C)
 
     def jvp(self, x, dx, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, d out) for tangent dx of the last len(dx) samples (layers.tail)."""
         a, da = self.attn.jvp(*self.norm1.jvp(x, dx), cos, sin)
-        x, dx = x + a * self.attn_scale, dx + da * self.attn_scale
+        x = x + a * self.attn_scale
+        with torch.no_grad():
+            dx = dx + da * self.attn_scale
         m, dm = self.mlp.jvp(*self.norm2.jvp(x, dx))
-        return x + m * self.mlp_scale, dx + dm * self.mlp_scale
+        out = x + m * self.mlp_scale
+        with torch.no_grad():
+            return out, dx + dm * self.mlp_scale
 
 
 class FinalLayer(nn.Module):
@@ -170,7 +188,9 @@ class FinalLayer(nn.Module):
 
     def jvp(self, x, dx) -> tuple[torch.Tensor, torch.Tensor]:
         n, dn = self.norm.jvp(x, dx)
-        return self.linear(n), F.linear(dn, self.linear.weight)
+        out = self.linear(n)
+        with torch.no_grad():
+            return out, F.linear(dn, self.linear.weight)
 
 
 ####################################################################################################
@@ -277,63 +297,78 @@ class MiT(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, omega: torch.Tensor,
                 t_min: torch.Tensor, t_max: torch.Tensor, y: torch.Tensor,
-                heads: str = "uv", tangents: tuple | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                heads: str = "uv", tangents: tuple | None = None) -> tuple:
         """Average velocity u and instantaneous velocity v at z (B, C, *S).
 
         t is used only by pMF's x -> u conversion; the net sees h = t - r, omega, t_min, t_max, y.
         `heads` picks what to compute: "uv", "u" (sampling) or "v" (guidance); the other is None.
-        With `tangents=(dz, dt, dh)` it returns (u, du) instead: u and its exact directional
-        derivative, computed by hand-written JVP rules in one pass (no autograd, no dual tensors).
+
+        With `tangents=(dz, dt, dh)` for the last Bt <= B samples (dz (Bt, C, *S), dt and dh
+        (Bt,)), the same pass also gives du (Bt, C, *S), the exact directional derivative of u for
+        those samples, by hand-written JVP rules (no dual tensors, no autograd graph: du is
+        stop-grad): returns (u, du) for heads="u" and (u, v, du) for heads="uv". u and v keep
+        their autograd graph as in a plain pass, so one with-grad pass can carry the tangent.
         """
         self.check_inputs(z, t, y)
         if tangents is not None:
-            return self.u_jvp(z, t, h, omega, t_min, t_max, y, *tangents)
+            if heads not in ("u", "uv"):
+                raise ValueError(f"tangents need the u-head: heads must be 'u' or 'uv', got {heads!r}")
+            u, v, du = self._forward_with_tangent(z, t, h, omega, t_min, t_max, y, heads, *tangents)
+            return (u, du) if heads == "u" else (u, v, du)
         cos, sin = self.rope_cos, self.rope_sin
         seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
         for blk in self.shared_blocks:
             seq = blk(seq, cos, sin)
-        outs = []
-        for name, blocks, final in (("u", self.u_heads, self.u_final_layer),
-                                    ("v", self.v_heads, self.v_final_layer)):
-            if name not in heads:
-                outs.append(None)
-                continue
-            s = seq
-            for blk in blocks:
-                s = blk(s, cos, sin)
-            out = unpatchify(final(s[:, self.cfg.num_prefix:]), self.cfg.patch_size, self.cfg.grid)
-            if self.cfg.variant == "pmf":
-                # x-prediction inside the net: u = (z - x_hat) / clip(t, 0.05, 1).
-                tc = t.clamp(0.05, 1.0).reshape(-1, *[1] * (z.dim() - 1))
-                out = (z - out) / tc
-            outs.append(out)
-        return outs[0], outs[1]
+        u = self._u_from_tokens(self._run(self.u_heads, seq), self.u_final_layer, z, t) if "u" in heads else None
+        v = self._u_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
+        return u, v
 
-    @torch.no_grad()
-    def u_jvp(self, z, t, h, omega, t_min, t_max, y, dz, dt, dh) -> tuple[torch.Tensor, torch.Tensor]:
-        """u and du = Du(z, t, h)[dz, dt, dh] through the u-path (trunk + u-head), stop-grad."""
+    def _run(self, blocks, seq):
+        for blk in blocks:
+            seq = blk(seq, self.rope_cos, self.rope_sin)
+        return seq
+
+    def _u_from_tokens(self, seq, final: "FinalLayer", z, t) -> torch.Tensor:
+        """Final layer on the patch tokens, unpatchified; pMF: x-prediction -> velocity."""
+        out = unpatchify(final(seq[:, self.cfg.num_prefix:]), self.cfg.patch_size, self.cfg.grid)
+        if self.cfg.variant != "pmf":
+            return out
+        # x-prediction inside the net: u = (z - x_hat) / clip(t, 0.05, 1).
+        return (z - out) / t.clamp(0.05, 1.0).reshape(-1, *[1] * (z.dim() - 1))
+
+    def _forward_with_tangent(self, z, t, h, omega, t_min, t_max, y, heads, dz, dt, dh):
+        """u (and v) for all B samples, du along (dz, dt, dh) for the last Bt, through the u-path."""
         cfg = self.cfg
         cos, sin = self.rope_cos, self.rope_sin
+        B, Bt = z.shape[0], dz.shape[0]
+        if dz.shape[1:] != z.shape[1:] or dt.shape != (Bt,) or dh.shape != (Bt,) or Bt > B:
+            raise ValueError(f"tangents (dz, dt, dh) must be ((Bt, *z.shape[1:]), (Bt,), (Bt,)) with Bt <= "
+                             f"{B}; got {tuple(dz.shape)}, {tuple(dt.shape)}, {tuple(dh.shape)}")
         seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
-        # Only the time tokens (through h) and the patch tokens (through z) carry a tangent.
-        _, dh_emb = self.h_embedder.jvp(h, dh)                                       # (B, C)
-        d_patch = self.x_embedder.tangent(patchify(dz, cfg.patch_size))             # (B, Np, C)
-        n_before_time = cfg.num_prefix - cfg.num_time_tokens
-        dseq = torch.cat([d_patch.new_zeros(z.shape[0], n_before_time, d_patch.shape[-1]),
-                          dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
-                          d_patch], dim=1)                                           # (B, N, C)
-        for blk in [*self.shared_blocks, *self.u_heads]:
+        with torch.no_grad():
+            # Only the time tokens (through h) and the patch tokens (through z) carry a tangent.
+            dh_emb = self.h_embedder.tangent(tail(h, dh), dh)                        # (Bt, C)
+            d_patch = self.x_embedder.tangent(patchify(dz, cfg.patch_size))         # (Bt, Np, C)
+            n_before_time = cfg.num_prefix - cfg.num_time_tokens
+            dseq = torch.cat([d_patch.new_zeros(Bt, n_before_time, d_patch.shape[-1]),
+                              dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
+                              d_patch], dim=1)                                       # (Bt, N, C)
+        for blk in self.shared_blocks:
+            seq, dseq = blk.jvp(seq, dseq, cos, sin)
+        v = self._u_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
+        for blk in self.u_heads:
             seq, dseq = blk.jvp(seq, dseq, cos, sin)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
-        out = unpatchify(out, cfg.patch_size, cfg.grid)
-        dout = unpatchify(dout, cfg.patch_size, cfg.grid)
+        out = unpatchify(out, cfg.patch_size, cfg.grid)                              # (B, C, *S)
+        with torch.no_grad():
+            dout = unpatchify(dout, cfg.patch_size, cfg.grid)                        # (Bt, C, *S)
         if cfg.variant != "pmf":
-            return out, dout
+            return out, v, dout
         # u = (z - x_hat) / c with c = clip(t, 0.05, 1); dc = dt inside the clip range (as torch's clamp).
         shape = (-1, *[1] * (z.dim() - 1))
-        c = t.clamp(0.05, 1.0).reshape(shape)
-        dc = torch.where((t >= 0.05) & (t <= 1.0), dt, torch.zeros_like(dt)).reshape(shape)
-        u = (z - out) / c
-        return u, (dz - dout) / c - u * dc / c
-
+        u = (z - out) / t.clamp(0.05, 1.0).reshape(shape)
+        with torch.no_grad():
+            tt = tail(t, dt)
+            c = tt.clamp(0.05, 1.0).reshape(shape)
+            dc = torch.where((tt >= 0.05) & (tt <= 1.0), dt, torch.zeros_like(dt)).reshape(shape)
+            return u, v, (dz - dout) / c - tail(u, dz) * dc / c
