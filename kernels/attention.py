@@ -131,13 +131,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
                            dk: torch.Tensor, dv: torch.Tensor, *, scale: float | None = None,
                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """O and its tangent dO for explicit tangents (dq, dk, dv), no autograd: for hand-written JVPs.
+    """O and its tangent dO for explicit tangents (dq, dk, dv): the attention of hand-written JVPs.
+
+    O is differentiable by ordinary backward when grad mode is on; dO never is (stop-grad), so a
+    with-grad pass can carry tangents without recording them.
 
     Args:
         q, k, v, dq, dk, dv: (B, H, N, D).
-        backend: "torch" (math) or "triton" (one fused flash pass); "auto" picks triton on CUDA;
-            "sdpa" (a model whose primal passes use SDPA) picks triton where it can launch (CUDA,
-            or CPU under TRITON_INTERPRET=1), else torch.
+        backend: "torch" (math) or "triton" (one fused flash pass, flash backward); "auto" picks
+            triton on CUDA; "sdpa" (a model whose primal passes use SDPA) picks triton where it
+            can launch (CUDA, or CPU under TRITON_INTERPRET=1), else torch.
     Returns:
         (o, do): (B, H, N, D) each, in q's dtype.
     """
@@ -146,13 +149,16 @@ def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq
         launchable = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
         backend = "triton" if launchable and _triton_available() else "torch"
     backend = _pick_backend(q, backend, needs_tangent=True)
+    if backend == "triton":
+        from kernels.attention_triton import triton_attention_with_tangent
+        return triton_attention_with_tangent(q, k, v, dq, dk, dv, scale)
+    # Plain ops (not the Function above, whose custom jvp dynamo cannot trace), so this compiles.
+    ct = _compute_dtype(q.dtype)
+    p = _probs(q.to(ct), k.to(ct), scale)                                             # (B, H, N, N)
+    o = (p @ v.to(ct)).to(q.dtype)                                                    # (B, H, N, D)
     with torch.no_grad():
-        if backend == "triton":
-            from kernels.attention_triton import triton_attention_with_tangent
-            return triton_attention_with_tangent(q, k, v, dq, dk, dv, scale)
-        ct = _compute_dtype(q.dtype)
-        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
-        p = _probs(qc, kc, scale)                                                     # (B, H, N, N)
-        ds = scale * (dq.to(ct) @ kc.transpose(-2, -1) + qc @ dk.to(ct).transpose(-2, -1))
+        p, vc = p.detach(), v.detach().to(ct)
+        ds = scale * (dq.to(ct) @ k.detach().to(ct).transpose(-2, -1)
+                      + q.detach().to(ct) @ dk.to(ct).transpose(-2, -1))               # (B, H, N, N)
         dp = p * (ds - (p * ds).sum(-1, keepdim=True))                                # (B, H, N, N)
-        return (p @ vc).to(q.dtype), (dp @ vc + p @ dv.to(ct)).to(q.dtype)
+        return o, (dp @ vc + p @ dv.to(ct)).to(q.dtype)

@@ -371,21 +371,55 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o
 
 
-# A custom op, so torch.compile keeps the hand-written JVP pass in one graph: it sees the op's
-# shapes (register_fake) and never traces the autotuned launch inside.
+# Custom ops, so torch.compile keeps the hand-written JVP pass in one graph: it sees the ops'
+# shapes (register_fake) and never traces the autotuned launches inside.
 @torch.library.custom_op("fastmf::flash_attention_with_tangent", mutates_args=())
 def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
-                           dk: torch.Tensor, dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    o, _, o_t = _flash_forward(q, k, v, dq, dk, dv, scale)
-    return o, o_t
+                           dk: torch.Tensor, dv: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_forward(q, k, v, dq, dk, dv, scale)
 
 
 @_flash_with_tangent_op.register_fake
 def _(q, k, v, dq, dk, dv, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fastmf::flash_attention_backward", mutates_args=())
+def _flash_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, grad_o: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_backward(q, k, v, o, lse, grad_o, scale)
+
+
+@_flash_backward_op.register_fake
+def _(q, k, v, o, lse, grad_o, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, _, _, _, scale = inputs
+    o, lse, _ = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _backward(ctx, grad_o, _grad_lse, _grad_o_t):
+    # O only: lse and the tangent dO are stop-grad outputs.
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_backward_op(q, k, v, o, lse, grad_o, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_with_tangent_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
-    """(O, dO) from one fused flash pass for explicit tangents, no autograd (all (B, H, N, D))."""
+    """(O, dO) from one fused flash pass for explicit tangents (all (B, H, N, D)).
+
+    O is differentiable by ordinary backward (flash backward from the saved log-sum-exp) when
+    grad mode is on; dO is stop-grad.
+    """
     _check(q, k, v)
-    return _flash_with_tangent_op(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
+    o, _, do = _flash_with_tangent_op(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
+    return o, do.detach()

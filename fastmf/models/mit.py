@@ -134,14 +134,12 @@ class RoPEAttention(nn.Module):
         dtype = qkv[2][0].dtype
         (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.to(dtype).transpose(1, 2)) for a, da in qkv]
         flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
-        if dx.shape[0] == B and not torch.is_grad_enabled():
-            # A pure tangent pass: one fused kernel gives O and dO.
-            o, do = attention_with_tangent(q, k, v, dq, dk, dv, backend=self.backend)  # (B, H, N, Dh) x2
-        else:
-            o = attention(q, k, v, backend=self.backend)                                   # (B, H, N, Dh)
-            with torch.no_grad():
-                _, do = attention_with_tangent(tail(q, dq), tail(k, dk), tail(v, dv), dq, dk, dv,
-                                               backend=self.backend)                      # (Bt, H, N, Dh)
+        # Each sample's attention is computed once: plain for the first B - Bt, and for the last
+        # Bt one fused pass gives O (differentiable) and dO.
+        n = B - dx.shape[0]
+        o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=self.backend)  # (Bt, H, N, Dh) x2
+        if n:
+            o = torch.cat([attention(q[:n], k[:n], v[:n], backend=self.backend), o])      # (B, H, N, Dh)
         out = self.out_proj(flat(o))
         with torch.no_grad():
             return out, F.linear(flat(do), self.out_proj.weight)
