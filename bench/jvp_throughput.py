@@ -215,6 +215,26 @@ def main():
         if c not in plan:
             p.error(f"unknown case {c!r}; choose from fm, naive, fast")
     runs = [(c, False) for c in cases] + [(c, True) for c in cases if args.compile and c != "naive"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save(live):
+        """Write what is measured so far: a run cut short by a timeout still leaves its numbers."""
+        results = [case.result(args.batch) for case in live]
+        by = {(r["case"], bool(r["compiled"])): r for r in results if "ms_per_step" in r}
+        ratios = {}
+        for (fast_c, base, base_c) in [(False, "fm", False), (False, "naive", False), (True, "fm", True),
+                                       (True, "fm", False), (True, "naive", False)]:
+            a, b = by.get(("fast", fast_c)), by.get((base, base_c))
+            if a is None or b is None:
+                continue
+            tag = f"fast{'_compiled' if fast_c else ''}/{base}{'_compiled' if base_c else ''}"
+            ratios[f"{tag}_time"] = a["ms_per_step"] / b["ms_per_step"]
+            for mem in ("step_peak_MiB", "saved_activation_MiB"):
+                if mem in a and mem in b:
+                    ratios[f"{tag}_{mem}"] = a[mem] / b[mem]
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
+        return results, ratios
+
     live = []
     for c, compiled in runs:
         draw_fn, loss_fn, attn = plan[c]
@@ -222,24 +242,13 @@ def main():
         case.warm_up(args.warmup)
         live.append(case)
         print(f"{c}{' (compiled)' if compiled else ''} ready: {json.dumps(case.rec)}")
+        save(live)
     # Interleaved rounds, one step of each case per round; medians: drifting machine load then
     # hits every case alike instead of whichever ran during a slow stretch.
     for _ in tqdm(range(args.steps), desc="rounds", disable=None):
         for case in live:
             case.guarded(lambda: case.times.append(case.timed_step()))
-    results = [case.result(args.batch) for case in live]
-    by = {(r["case"], bool(r["compiled"])): r for r in results if "ms_per_step" in r}
-    ratios = {}
-    for (fast_c, base, base_c) in [(False, "fm", False), (False, "naive", False), (True, "fm", True),
-                                   (True, "fm", False), (True, "naive", False)]:
-        a, b = by.get(("fast", fast_c)), by.get((base, base_c))
-        if a is None or b is None:
-            continue
-        tag = f"fast{'_compiled' if fast_c else ''}/{base}{'_compiled' if base_c else ''}"
-        ratios[f"{tag}_time"] = a["ms_per_step"] / b["ms_per_step"]
-        for mem in ("step_peak_MiB", "saved_activation_MiB"):
-            if mem in a and mem in b:
-                ratios[f"{tag}_{mem}"] = a[mem] / b[mem]
+        results, ratios = save(live)
     print("\n| case | ms/step (min-max) | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
     for r in results:
         name = r["case"] + (f" (compiled, {r['compiled']})" if r["compiled"] else "")
@@ -250,8 +259,6 @@ def main():
                   f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r['first_step_s']:.1f} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     print(f"wrote {args.out}")
 
 

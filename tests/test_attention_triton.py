@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastmf.models import build
-from kernels import attention
+from kernels import attention, attention_with_tangent
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (output, tangent and gradient) tolerances; inputs are rounded to the dtype before the fp64
@@ -57,6 +57,14 @@ def check_against_reference(q, k, v, tangents, grad_o):
     grads = torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), grad_o)
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == q.dtype
+        assert_close(g, g_ref, d_tol)
+
+    # The hand-written-JVP entry point (custom ops): O differentiable, dO stop-grad.
+    o, t = attention_with_tangent(qs, ks, vs, *tangents, backend="triton")
+    assert o.dtype == t.dtype == q.dtype and t.grad_fn is None
+    assert_close(o.detach(), o_ref, o_tol)
+    assert_close(t, t_ref, d_tol)
+    for g, g_ref in zip(torch.autograd.grad(o, (qs, ks, vs), grad_o), grads_ref):
         assert_close(g, g_ref, d_tol)
 
 
