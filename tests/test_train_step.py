@@ -96,12 +96,13 @@ def test_tangent_pass_compiles_as_one_graph_with_triton_attention():
     torch.testing.assert_close(u, u_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["imf", "mf"])
+@pytest.mark.parametrize("variant", ["imf", "pmf", "mf"])
 def test_whole_fast_step_compiles_as_one_graph_on_the_cuda_path(variant):
     """Loss and backward of the fast step, dispatched as on CUDA (SDPA primal passes, the fused
     Triton forward+tangent op, the Triton loss ops), compile with fullgraph=True and match the
     reference objective. Draws stay outside the graph (explicit generators do not trace)."""
-    model = tiny_model(dtype=torch.float32, num_classes=NC, depth=2, aux_head_depth=1)
+    model = tiny_model("pmf" if variant == "pmf" else "imf", dtype=torch.float32, num_classes=NC, depth=2,
+                       aux_head_depth=1)
     _, params = functional(model)
     apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
     g = torch.Generator().manual_seed(7)
@@ -109,7 +110,7 @@ def test_whole_fast_step_compiles_as_one_graph_on_the_cuda_path(variant):
     y = torch.randint(0, NC, (6,), generator=g)
     cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3)
     d = draw(x, g, cfg)
-    reference = {"imf": imf_loss_from_draws, "mf": mf_loss_from_draws}[variant]
+    reference = {"imf": imf_loss_from_draws, "pmf": imf_loss_from_draws, "mf": mf_loss_from_draws}[variant]
     model.set_attention_backend("torch")
     ref, _ = reference(apply, params, x, y, d, cfg)
     ref_grads = torch.autograd.grad(ref, list(params.values()), allow_unused=True, materialize_grads=True)
