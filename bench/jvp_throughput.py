@@ -8,9 +8,10 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
   fm     plain flow matching, u and v heads at r = t, attention "sdpa" (the floor)
   naive  the reference objective as PyTorch repos run it today: torch.func.jvp over the whole
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
-  fast   fastmf: fastmf.train_step.fast_loss (hand-written JVP pass, no tangent graph, no
-         redundant guidance work, fused loss); on CUDA attention "auto" = SDPA for primal passes
-         and the fused Triton forward+tangent kernel for the JVP pass
+  fast   fastmf: fastmf.train_step (guidance in one no-grad call of 1.5B samples, then one
+         with-grad pass that carries du/dt by hand-written JVP rules, no tangent graph, fused
+         loss); attention "auto" = SDPA for plain rows, the fused Triton forward+tangent op for
+         rows with a tangent on CUDA (math on CPU)
 `--compile` adds torch.compile'd fm and fast steps (loss + backward compiled, draws and Adam
 eager; `--compile-mode reduce-overhead` replays them as CUDA graphs).
 Each case has its own copy of the weights and its own Adam. After warm-up the cases run in
