@@ -59,7 +59,7 @@ def forward_with_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: 
     ones = torch.ones_like(t[n_fm:])
     # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) for the last B - n_fm.
     out = apply(*args, heads=heads, tangents=(tangent, ones, ones))
-    (u, du), v = (out, None) if heads == "u" else (out[::2], out[1])
+    u, v, du = (out[0], None, out[1]) if heads == "u" else out
     return u, v, torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
 
 
