@@ -16,7 +16,8 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
 eager; `--compile-mode reduce-overhead` replays them as CUDA graphs).
 Each case has its own copy of the weights and its own Adam. After warm-up the cases run in
 interleaved rounds (one step of each per round, synchronised) and report the median: machine
-noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, peak memory
+noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, the aten ops
+one eager step dispatches (each at least one kernel launch on a GPU), peak memory
 (CUDA: step_peak_MiB = the largest peak during a step minus what was allocated before it) and the
 activation memory autograd keeps for backward (saved tensors, measured eagerly on any device),
 ratios fast/fm and fast/naive, and compile time (first step) apart from steady state. JSON goes
@@ -33,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +58,19 @@ def fm_loss_from_draws(apply, params, x, y, d, cfg):
     u, v = apply(params, z_t, t, zeros, ones, zeros, ones, y, heads="uv")
     loss = (u - v_t).pow(2).mean() + (v - v_t).pow(2).mean()
     return loss, {"loss": loss.detach()}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a step dispatches (forward, backward, optimizer): in eager mode each is
+    at least one kernel launch, so this is the launch work a CPU-bound GPU step pays."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
 def saved_bytes(fn) -> int:
@@ -149,6 +164,10 @@ class Case:
             if not self.compiled:
                 with self.amp():
                     self.rec["saved_activation_MiB"] = saved_bytes(self.compute) / 2**20
+                counter = OpCounter()
+                with counter:
+                    self.step()
+                self.rec["aten_ops_per_step"] = counter.n
             self.rec["first_step_s"] = self.timed_step()   # includes compile / autotune
             for _ in range(n):
                 self.timed_step()
@@ -230,9 +249,9 @@ def main():
                 continue
             tag = f"fast{'_compiled' if fast_c else ''}/{base}{'_compiled' if base_c else ''}"
             ratios[f"{tag}_time"] = a["ms_per_step"] / b["ms_per_step"]
-            for mem in ("step_peak_MiB", "saved_activation_MiB"):
-                if mem in a and mem in b:
-                    ratios[f"{tag}_{mem}"] = a[mem] / b[mem]
+            for key in ("step_peak_MiB", "saved_activation_MiB", "aten_ops_per_step"):
+                if key in a and key in b:
+                    ratios[f"{tag}_{key}"] = a[key] / b[key]
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
         return results, ratios
 
@@ -250,14 +269,16 @@ def main():
         for case in live:
             case.guarded(lambda: case.times.append(case.timed_step()))
         results, ratios = save(live)
-    print("\n| case | ms/step (min-max) | samples/s | step peak MiB | saved act. MiB | first step s |\n|---|---|---|---|---|---|")
+    print("\n| case | ms/step (min-max) | samples/s | step peak MiB | saved act. MiB | aten ops | first step s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         name = r["case"] + (f" (compiled, {r['compiled']})" if r["compiled"] else "")
         if "error" in r:
-            print(f"| {name} | {r['error']} | | | | |")
+            print(f"| {name} | {r['error']} | | | | | |")
         else:
             print(f"| {name} | {r['ms_per_step']:.1f} ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f}) | {r['samples_per_s']:.1f} | {r.get('step_peak_MiB', float('nan')):.0f} "
-                  f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r['first_step_s']:.1f} |")
+                  f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r.get('aten_ops_per_step', '-')} "
+                  f"| {r['first_step_s']:.1f} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     print(f"wrote {args.out}")
