@@ -17,5 +17,7 @@ def test_jvp_throughput_runs_all_cases(tmp_path):
         assert "error" not in r and r["ms_per_step"] > 0 and r["saved_activation_MiB"] > 0
         assert r["aten_ops_per_step"] > 100
     assert {"fast/fm_time", "fast/naive_time", "fast/naive_saved_activation_MiB"} <= set(rep["ratios"])
-    # The fast step keeps no tangent graph: clearly less saved activation memory than naive.
+    # The fast step keeps no tangent graph: clearly less saved activation memory than naive, and
+    # about what flow matching keeps (on CPU the carried rows' math attention adds its N x N probs).
     assert rep["ratios"]["fast/naive_saved_activation_MiB"] < 0.6
+    assert rep["ratios"]["fast/fm_saved_activation_MiB"] < 1.15
