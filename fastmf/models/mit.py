@@ -317,8 +317,8 @@ class MiT(nn.Module):
         seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
         for blk in self.shared_blocks:
             seq = blk(seq, cos, sin)
-        u = self._u_from_tokens(self._run(self.u_heads, seq), self.u_final_layer, z, t) if "u" in heads else None
-        v = self._u_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
+        u = self._velocity_from_tokens(self._run(self.u_heads, seq), self.u_final_layer, z, t) if "u" in heads else None
+        v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
         return u, v
 
     def _run(self, blocks, seq):
@@ -326,7 +326,7 @@ class MiT(nn.Module):
             seq = blk(seq, self.rope_cos, self.rope_sin)
         return seq
 
-    def _u_from_tokens(self, seq, final: "FinalLayer", z, t) -> torch.Tensor:
+    def _velocity_from_tokens(self, seq, final: "FinalLayer", z, t) -> torch.Tensor:
         """Final layer on the patch tokens, unpatchified; pMF: x-prediction -> velocity."""
         out = unpatchify(final(seq[:, self.cfg.num_prefix:]), self.cfg.patch_size, self.cfg.grid)
         if self.cfg.variant != "pmf":
@@ -353,7 +353,7 @@ class MiT(nn.Module):
                               d_patch], dim=1)                                       # (Bt, N, C)
         for blk in self.shared_blocks:
             seq, dseq = blk.jvp(seq, dseq, cos, sin)
-        v = self._u_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
+        v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
         for blk in self.u_heads:
             seq, dseq = blk.jvp(seq, dseq, cos, sin)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
