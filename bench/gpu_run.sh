@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU session: correctness on CUDA first, then the benchmark of record.
 #   OUT=some/dir bash bench/gpu_run.sh                      # every stage (about 11 minutes)
-#   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh    # 435 s at most: one device call
+#   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh    # 465 s at most: one device call
 #   OUT=some/dir STAGES="cudagraphs 3d" bash bench/gpu_run.sh   # 250 s at most: a second one
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), 2d (MiT-B/2 batch 32:
 # eager fm/naive/fast, then compiled fm/fast), cudagraphs (the same compiled with CUDA graphs:
@@ -25,7 +25,7 @@ for stage in $STAGES; do
       timeout 45 python3 -m pytest -x -q -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
           | tail -5 | tee "$OUT/bf16_tests.log" ;;
     2d)
-      timeout 300 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \
+      timeout 330 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \
           --out "$OUT/jvp_mitb_2d_b32.json" 2>&1 | filter | tee "$OUT/jvp_mitb_2d_b32.log" ;;
     cudagraphs)
       timeout 150 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --cases fm,fast --compile \
