@@ -86,3 +86,27 @@ def test_auto_backend_is_exact_under_jvp_and_backward():
     grads_ref = torch.autograd.grad((math_attention(*qkv, 8 ** -0.5) * dq).sum(), qkv)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_attention_with_tangent_torch_backend():
+    """Hand-written-JVP entry point, math backend: O and dO equal torch.func.jvp of math attention,
+    O is differentiable (dO is not), and it compiles without graph breaks."""
+    from kernels import attention_with_tangent
+    g = torch.Generator().manual_seed(9)
+    q, k, v, dq, dk, dv, go = torch.randn(7, 2, 3, 13, 8, generator=g, dtype=torch.float64)
+    scale = 8 ** -0.5
+    o_ref, do_ref = torch.func.jvp(lambda *a: math_attention(*a, scale), (q, k, v), (dq, dk, dv))
+    qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, do = attention_with_tangent(*qkv, dq, dk, dv, backend="torch")
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(do, do_ref)
+    assert do.grad_fn is None
+    grads = torch.autograd.grad(o, qkv, go)
+    grads_ref = torch.autograd.grad(math_attention(*qkv, scale), qkv, go)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: attention_with_tangent(*a, backend="torch"), fullgraph=True)
+    o_c, do_c = compiled(q, k, v, dq, dk, dv)
+    torch.testing.assert_close(o_c, o_ref)
+    torch.testing.assert_close(do_c, do_ref)
