@@ -18,7 +18,8 @@ Each case has its own copy of the weights and its own Adam. After warm-up the ca
 interleaved rounds (one step of each per round, synchronised) and report the median: machine
 noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, the aten ops
 one eager step dispatches (each at least one kernel launch on a GPU), peak memory
-(CUDA: step_peak_MiB = the largest peak during a step minus what was allocated before it) and the
+(step_peak_MiB = the largest peak during a step minus what was allocated before it: CUDA allocator
+statistics over the timed steps; on CPU the profiler's memory timeline of one eager step) and the
 activation memory autograd keeps for backward (saved tensors, measured eagerly on any device),
 ratios fast/fm and fast/naive, and compile time (first step) apart from steady state. JSON goes
 to --out.
@@ -71,6 +72,23 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+def cpu_step_peak_bytes(step) -> float:
+    """Peak bytes of CPU tensors allocated during step() above what was live before it, from the
+    profiler's memory timeline (CPU has no allocator statistics; this reads a private profiler
+    API, so a failure reports NaN instead of stopping the benchmark)."""
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        return float(max(sum(row) for row in sizes)) if sizes else 0.0
+    except Exception as e:  # noqa: BLE001 - private API: report, do not fail the run
+        print(f"CPU peak memory unavailable: {type(e).__name__}: {e}".splitlines()[0])
+        return float("nan")
 
 
 def saved_bytes(fn) -> int:
@@ -168,6 +186,8 @@ class Case:
                 with counter:
                     self.step()
                 self.rec["aten_ops_per_step"] = counter.n
+                if self.device.type == "cpu":
+                    self.rec["step_peak_MiB"] = cpu_step_peak_bytes(self.step) / 2**20
             self.rec["first_step_s"] = self.timed_step()   # includes compile / autotune
             for _ in range(n):
                 self.timed_step()
