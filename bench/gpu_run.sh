@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU session: correctness on CUDA first, then the benchmark of record.
-#   OUT=some/dir bash bench/gpu_run.sh                      # every stage (about 11 minutes)
-#   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh    # 465 s at most: one device call
-#   OUT=some/dir STAGES="cudagraphs 3d" bash bench/gpu_run.sh   # 250 s at most: a second one
+#   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh          # 336 s on an H100 (third session)
+#   OUT=some/dir STAGES="3d cudagraphs" bash bench/gpu_run.sh     # 3d took 70 s; cudagraphs ~240 s
+#   OUT=some/dir STAGES="3dcompiled cudagraphs" bash bench/gpu_run.sh   # what is still unmeasured
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), 2d (MiT-B/2 batch 32:
-# eager fm/naive/fast, then compiled fm/fast), cudagraphs (the same compiled with CUDA graphs:
-# compile-mode reduce-overhead), 3d (48^3 volume, batch 1, eager). Compiling the MiT-B step took
-# 110 s (fm) and 150 s (fast) on the 2-core CPU; the JSON is rewritten after every phase, so a
-# stage cut by its timeout keeps what it measured.
+# eager fm/naive/fast, then compiled fm/fast), cudagraphs (fm/fast compiled with CUDA graphs:
+# compile-mode reduce-overhead), 3d (48^3 volume, batch 1, eager fm/naive/fast), 3dcompiled (the
+# same, fm/fast compiled), profile (per-pass times and kernel tables of eager steps, 2D and 3D).
+# On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
+# rewritten after every phase, so a stage cut by its timeout keeps what it measured.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
@@ -22,18 +23,25 @@ for stage in $STAGES; do
     check)
       timeout 90 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
       # bf16 kernel tests (the CPU interpreter cannot check bf16); needs pytest on the device
-      timeout 45 python3 -m pytest -x -q -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
-          | tail -5 | tee "$OUT/bf16_tests.log" ;;
+      timeout 90 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
+          | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;
     2d)
       timeout 330 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \
           --out "$OUT/jvp_mitb_2d_b32.json" 2>&1 | filter | tee "$OUT/jvp_mitb_2d_b32.log" ;;
     cudagraphs)
-      timeout 150 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --cases fm,fast --compile \
+      timeout 250 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --cases fm,fast --compile \
           --compile-mode reduce-overhead --out "$OUT/jvp_mitb_2d_b32_cudagraphs.json" 2>&1 \
           | filter | tee "$OUT/jvp_mitb_2d_b32_cudagraphs.log" ;;
     3d)
       timeout 100 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
           --steps 3 --warmup 1 --out "$OUT/jvp_mitb_3d.json" 2>&1 | filter | tee "$OUT/jvp_mitb_3d.log" ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, 3d)"; exit 2 ;;
+    3dcompiled)
+      timeout 250 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
+          --steps 3 --warmup 1 --cases fm,fast --compile --out "$OUT/jvp_mitb_3d_compiled.json" 2>&1 \
+          | filter | tee "$OUT/jvp_mitb_3d_compiled.log" ;;
+    profile)
+      timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
+      timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
+    *) echo "unknown stage $stage (check, 2d, cudagraphs, 3d, 3dcompiled, profile)"; exit 2 ;;
   esac
 done
