@@ -185,6 +185,12 @@ def main(cfg: Config):
     except ValueError as e:
         fail(str(e))
     ocfg = objective_config(cfg, data.num_classes)
+    if int(cfg.batch_size * ocfg.data_proportion) == 0 < ocfg.data_proportion:
+        # The first int(B * data_proportion) samples of a batch get r = t (as in the references):
+        # with none, the u-head never trains at r = t.
+        print(f"warning: --batch-size {cfg.batch_size} with data proportion {ocfg.data_proportion} gives no "
+              "flow-matching (r = t) sample per batch; use a batch of at least "
+              f"{math.ceil(1 / ocfg.data_proportion)}", file=sys.stderr)
     params = dict(model.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
     # fused: the update is a few kernels instead of several per parameter (CUDA launch overhead)

@@ -54,6 +54,15 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_batch_without_flow_matching_samples_warns(tmp_path, capsys):
+    train.main(small(tmp_path / "b1", steps=1, batch_size=1, log_every=1, sample_every=1, ckpt_every=1,
+                     eval_samples=0))
+    assert "no flow-matching (r = t) sample per batch; use a batch of at least 2" in capsys.readouterr().err
+    train.main(small(tmp_path / "b2", steps=1, batch_size=2, log_every=1, sample_every=1, ckpt_every=1,
+                     eval_samples=0))
+    assert "flow-matching" not in capsys.readouterr().err
+
+
 def test_3d_phantoms_train_and_write_nifti(tmp_path):
     import nibabel as nib
     out = tmp_path / "vol"
