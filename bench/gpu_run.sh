@@ -2,11 +2,13 @@
 # The prepared GPU session: correctness on CUDA first, then the benchmark of record.
 #   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh          # 336 s on an H100 (third session)
 #   OUT=some/dir STAGES="3d cudagraphs" bash bench/gpu_run.sh     # 3d took 70 s; cudagraphs ~240 s
-#   OUT=some/dir STAGES="3dcompiled cudagraphs" bash bench/gpu_run.sh   # what is still unmeasured
+#   OUT=some/dir STAGES="blocks 3dcompiled" bash bench/gpu_run.sh  # unmeasured yet: 450 s at most,
+#   then STAGES=cudagraphs (250 s at most): one device call each
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), 2d (MiT-B/2 batch 32:
 # eager fm/naive/fast, then compiled fm/fast), cudagraphs (fm/fast compiled with CUDA graphs:
-# compile-mode reduce-overhead), 3d (48^3 volume, batch 1, eager fm/naive/fast), 3dcompiled (the
-# same, fm/fast compiled), profile (per-pass times and kernel tables of eager steps, 2D and 3D).
+# compile-mode reduce-overhead), blocks (fm/fast eager and with --compile-scope blocks), 3d (48^3
+# volume, batch 1, eager fm/naive/fast), 3dcompiled (the same, fm/fast compiled), profile
+# (per-pass times and kernel tables of eager steps, 2D and 3D).
 # On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
 # rewritten after every phase, so a stage cut by its timeout keeps what it measured.
 set -u
@@ -35,6 +37,9 @@ for stage in $STAGES; do
     3d)
       timeout 100 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
           --steps 3 --warmup 1 --out "$OUT/jvp_mitb_3d.json" 2>&1 | filter | tee "$OUT/jvp_mitb_3d.log" ;;
+    blocks)
+      timeout 200 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --cases fm,fast --compile \
+          --compile-scope blocks --out "$OUT/jvp_mitb_2d_b32_blocks.json" 2>&1 | filter | tee "$OUT/jvp_mitb_2d_b32_blocks.log" ;;
     3dcompiled)
       timeout 250 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
           --steps 3 --warmup 1 --cases fm,fast --compile --out "$OUT/jvp_mitb_3d_compiled.json" 2>&1 \
@@ -42,6 +47,6 @@ for stage in $STAGES; do
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, 3d, 3dcompiled, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, profile)"; exit 2 ;;
   esac
 done

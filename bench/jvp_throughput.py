@@ -13,7 +13,8 @@ Cases, same model weights and batch, each a full step (loss, backward, Adam):
          loss); attention "auto" = SDPA for plain rows, the fused Triton forward+tangent op for
          rows with a tangent on CUDA (math on CPU)
 `--compile` adds torch.compile'd fm and fast steps (loss + backward compiled, draws and Adam
-eager; `--compile-mode reduce-overhead` replays them as CUDA graphs).
+eager; `--compile-mode reduce-overhead` replays them as CUDA graphs; `--compile-scope blocks`
+compiles the transformer blocks only, as `train.py --compile-scope blocks`).
 Each case has its own copy of the weights and its own Adam. After warm-up the cases run in
 interleaved rounds (one step of each per round, synchronised) and report the median: machine
 noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, the aten ops
@@ -128,12 +129,15 @@ class Case:
         apply = lambda p, *a, **kw: torch.func.functional_call(self.model, p, a, kw)
         gen = torch.Generator(device=device).manual_seed(0)
         step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)
-        if compiled:  # draws stay eager (explicit generators do not trace), as in train.py
+        if compiled and args.compile_scope == "blocks":  # the blocks' compiled code is shared by all cases
+            self.model.compile_blocks()
+        elif compiled:  # draws stay eager (explicit generators do not trace), as in train.py
             step_loss = torch.compile(step_loss, mode=None if args.compile_mode == "default" else args.compile_mode)
-        self.cudagraphs = compiled and args.compile_mode == "reduce-overhead"
+        self.cudagraphs = compiled and args.compile_scope == "step" and args.compile_mode == "reduce-overhead"
         self.compute = lambda: step_loss(x, y, draw_fn(x, gen, cfg))
         self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-        self.rec = {"case": name, "attention": attn, "compiled": args.compile_mode if compiled else False}
+        scope = args.compile_scope if args.compile_mode == "default" else f"{args.compile_scope}, {args.compile_mode}"
+        self.rec = {"case": name, "attention": attn, "compiled": scope if compiled else False}
         self.times, self.peaks = [], []
 
     def step(self):
@@ -221,6 +225,10 @@ def main():
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode; reduce-overhead replays the step as CUDA graphs")
+    p.add_argument("--compile-scope", default="step", choices=["step", "blocks"],
+                   help="step: the loss and its backward as one graph; blocks: each block's forward and JVP "
+                        "rule (MiT.compile_blocks; compiled once for all blocks and cases, so a later case's "
+                        "first step includes only what was not compiled yet)")
     p.add_argument("--no-cpu-peak", dest="cpu_peak", action="store_false",
                    help="skip the CPU step peak (the profiler's memory analysis takes seconds for "
                         "mit-tiny but many minutes for mit-b's naive step)")

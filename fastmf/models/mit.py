@@ -173,6 +173,21 @@ class Block(nn.Module):
             return out, dx + dm * self.mlp_scale
 
 
+# Regional compilation: every block runs the same code, so one compiled forward and one compiled
+# JVP rule serve all blocks (dynamo guards on shapes, dtypes and grad mode, not on which block):
+# a handful of small graphs to compile instead of one graph of the whole step.
+_COMPILED_BLOCK: dict = {}
+
+
+def block_functions(compiled: bool):
+    """Block's (forward, jvp) as plain functions of (block, ...); torch.compile'd ones if asked."""
+    if not compiled:
+        return Block.forward, Block.jvp
+    if not _COMPILED_BLOCK:
+        _COMPILED_BLOCK.update(forward=torch.compile(Block.forward), jvp=torch.compile(Block.jvp))
+    return _COMPILED_BLOCK["forward"], _COMPILED_BLOCK["jvp"]
+
+
 class FinalLayer(nn.Module):
     """RMSNorm + zero-initialised linear to patch features."""
 
@@ -228,6 +243,7 @@ class MiT(nn.Module):
         # Tables, not parameters: non-persistent so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", torch.cos(angles).float(), persistent=False)
         self.register_buffer("rope_sin", torch.sin(angles).float(), persistent=False)
+        self.compiled_blocks = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -255,6 +271,16 @@ class MiT(nn.Module):
         for final in (self.u_final_layer, self.v_final_layer):
             nn.init.zeros_(final.linear.weight)
             nn.init.zeros_(final.linear.bias)
+
+    def compile_blocks(self, enabled: bool = True):
+        """Run every block's forward and JVP rule through torch.compile (regional compilation).
+
+        Compiles in a fraction of the time a whole compiled train step takes (the blocks share
+        their compiled code); the rest of the step (embeddings, final layers, loss) stays eager.
+        Meant for the fast loss (train.py --compile-scope blocks); a step under torch.func
+        transforms or an outer torch.compile should leave it off.
+        """
+        self.compiled_blocks = enabled
 
     def set_attention_backend(self, backend: str):
         """Switch every block's attention backend ("torch", "triton", "sdpa", "auto")."""
@@ -313,17 +339,16 @@ class MiT(nn.Module):
                 raise ValueError(f"tangents need the u-head: heads must be 'u' or 'uv', got {heads!r}")
             u, v, du = self._forward_with_tangent(z, t, h, omega, t_min, t_max, y, heads, *tangents)
             return (u, du) if heads == "u" else (u, v, du)
-        cos, sin = self.rope_cos, self.rope_sin
         seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
-        for blk in self.shared_blocks:
-            seq = blk(seq, cos, sin)
+        seq = self._run(self.shared_blocks, seq)
         u = self._velocity_from_tokens(self._run(self.u_heads, seq), self.u_final_layer, z, t) if "u" in heads else None
         v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
         return u, v
 
     def _run(self, blocks, seq):
+        forward, _ = block_functions(self.compiled_blocks)
         for blk in blocks:
-            seq = blk(seq, self.rope_cos, self.rope_sin)
+            seq = forward(blk, seq, self.rope_cos, self.rope_sin)
         return seq
 
     def _velocity_from_tokens(self, seq, final: "FinalLayer", z, t) -> torch.Tensor:
@@ -351,11 +376,12 @@ class MiT(nn.Module):
             dseq = torch.cat([d_patch.new_zeros(Bt, n_before_time, d_patch.shape[-1]),
                               dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
                               d_patch], dim=1)                                       # (Bt, N, C)
+        _, jvp = block_functions(self.compiled_blocks)
         for blk in self.shared_blocks:
-            seq, dseq = blk.jvp(seq, dseq, cos, sin)
+            seq, dseq = jvp(blk, seq, dseq, cos, sin)
         v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
         for blk in self.u_heads:
-            seq, dseq = blk.jvp(seq, dseq, cos, sin)
+            seq, dseq = jvp(blk, seq, dseq, cos, sin)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
         out = unpatchify(out, cfg.patch_size, cfg.grid)                              # (B, C, *S)
         with torch.no_grad():
