@@ -10,6 +10,8 @@ Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a t
   math fwd+jvp    softmax(s Q K^T) V as plain ops under torch.func.jvp (N x N tensors)
   math bwd        its backward
   sdpa fwd / bwd  torch SDPA pinned to the flash backend: the forward-only cost floor
+  cudnn fwd / bwd torch SDPA pinned to cuDNN, what SDPA picks on an H100 for these shapes (the
+                  train step's primal passes); "n/a" where this build has no cuDNN attention
 Times are medians of CUDA-event-timed calls; memory is the peak allocated on top of the inputs
 (for bwd: on top of inputs + forward outputs/graph). A case that runs out of memory is "OOM".
 Ratios are taken within this run only. Without CUDA the script runs one tiny configuration in
@@ -62,6 +64,11 @@ def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def sdpa_cudnn(q, k, v):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # launches are asynchronous: time the work, not the launch
@@ -111,6 +118,11 @@ def _case(name: str, fwd, jvp: bool, inputs, reps: int, backward: bool = True) -
         results.setdefault(label, "OOM")
         if backward:
             results[f"{name} bwd"] = "OOM"
+    except RuntimeError as e:  # e.g. no cuDNN attention kernel for this build or shape
+        print(f"{label}: {str(e).splitlines()[0][:120]}")
+        results.setdefault(label, "n/a")
+        if backward:
+            results[f"{name} bwd"] = "n/a"
     finally:
         o = None
         if torch.cuda.is_available():
@@ -149,14 +161,17 @@ def main(args: Args) -> dict:
         results = _case("triton", triton_attention, False, inputs, args.reps, backward=False)
         results |= _case("triton", triton_attention, True, inputs, args.reps)
         results |= _case("math", math_attention, True, inputs, args.reps)
-        if cuda:  # the flash SDPA backend exists on CUDA only
+        if cuda:  # the flash and cuDNN SDPA backends exist on CUDA only
             results |= _case("sdpa", sdpa, False, inputs, args.reps)
+            results |= _case("cudnn", sdpa_cudnn, False, inputs, args.reps)
         ratios = {
             "math/triton fwd+jvp": _ratio(results, "math fwd+jvp", "triton fwd+jvp"),
             "math/triton bwd": _ratio(results, "math bwd", "triton bwd"),
             "triton fwd+jvp / sdpa fwd": _ratio(results, "triton fwd+jvp", "sdpa fwd"),
             "triton fwd / sdpa fwd": _ratio(results, "triton fwd", "sdpa fwd"),
             "triton bwd / sdpa bwd": _ratio(results, "triton bwd", "sdpa bwd"),
+            "triton fwd+jvp / cudnn fwd": _ratio(results, "triton fwd+jvp", "cudnn fwd"),
+            "triton bwd / cudnn bwd": _ratio(results, "triton bwd", "cudnn bwd"),
         }
         rows.append({"N": n, "results": results, "ratios": ratios})
         _print_row(rows[-1], header=len(rows) == 1)
@@ -176,17 +191,18 @@ def main(args: Args) -> dict:
 
 
 COLUMNS = ["triton fwd", "triton fwd+jvp", "triton bwd", "math fwd+jvp", "math bwd", "sdpa fwd",
-           "sdpa bwd"]
+           "sdpa bwd", "cudnn fwd", "cudnn bwd"]
 RATIOS = ["math/triton fwd+jvp", "math/triton bwd", "triton fwd+jvp / sdpa fwd",
-          "triton fwd / sdpa fwd", "triton bwd / sdpa bwd"]
+          "triton fwd / sdpa fwd", "triton bwd / sdpa bwd", "triton fwd+jvp / cudnn fwd",
+          "triton bwd / cudnn bwd"]
 
 
 def _print_row(row: dict, header: bool) -> None:
     def cell(r):
         if r is None:
             return "-"
-        if r == "OOM":
-            return "OOM"
+        if isinstance(r, str):  # "OOM" or "n/a"
+            return r
         return f"{r['ms']:.3f} ({r['peak_MiB']:.0f})" if "peak_MiB" in r else f"{r['ms']:.3f}"
 
     if header:

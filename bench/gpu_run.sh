@@ -3,11 +3,12 @@
 #   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh          # 336 s on an H100 (third session)
 #   OUT=some/dir STAGES="3d cudagraphs" bash bench/gpu_run.sh     # 3d took 70 s; cudagraphs ~240 s
 #   OUT=some/dir STAGES="blocks 3dcompiled" bash bench/gpu_run.sh  # unmeasured yet: 450 s at most,
-#   then STAGES=cudagraphs (250 s at most): one device call each
+#   then STAGES="cudagraphs attention" (340 s at most): one device call each
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), 2d (MiT-B/2 batch 32:
 # eager fm/naive/fast, then compiled fm/fast), cudagraphs (fm/fast compiled with CUDA graphs:
 # compile-mode reduce-overhead), blocks (fm/fast eager and with --compile-scope blocks), 3d (48^3
-# volume, batch 1, eager fm/naive/fast), 3dcompiled (the same, fm/fast compiled), profile
+# volume, batch 1, eager fm/naive/fast), 3dcompiled (the same, fm/fast compiled), attention
+# (bench/attention_jvp.py incl. the cuDNN SDPA the step's primal passes use), profile
 # (per-pass times and kernel tables of eager steps, 2D and 3D).
 # On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
 # rewritten after every phase, so a stage cut by its timeout keeps what it measured.
@@ -44,9 +45,12 @@ for stage in $STAGES; do
       timeout 250 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
           --steps 3 --warmup 1 --cases fm,fast --compile --out "$OUT/jvp_mitb_3d_compiled.json" 2>&1 \
           | filter | tee "$OUT/jvp_mitb_3d_compiled.log" ;;
+    attention)
+      timeout 90 python3 -m bench.attention_jvp --seq-lens 276 1024 4096 13844 --reps 5 \
+          --out "$OUT/attention_jvp.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp.log" ;;
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile)"; exit 2 ;;
   esac
 done
