@@ -1,5 +1,6 @@
 """GPU check: the fast step (Triton attention + fused loss) equals the reference objective on CUDA,
-eager and compiled as one graph (fullgraph=True, as the benchmark and train.py compile it).
+eager, compiled as one graph (fullgraph=True, as the benchmark and train.py compile it) and with
+compiled blocks (train.py --compile-scope blocks).
 
 fp32, mit-tiny, same draws; prints the relative differences of loss and gradients.
 """
@@ -30,8 +31,11 @@ for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
     ref, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
     g_ref = torch.autograd.grad(ref, list(params.values()))
     compiled = torch.compile(lambda x, y, d: fast_loss_from_draws(apply, params, x, y, d, cfg), fullgraph=True)
-    for backend in ("triton", "auto", "auto-compiled"):  # auto: SDPA primal passes + Triton tangent op
-        model.set_attention_backend(backend.removesuffix("-compiled"))
+    # auto: SDPA primal passes + Triton tangent op; -compiled: the whole loss as one graph;
+    # -blocks: MiT.compile_blocks (train.py --compile-scope blocks)
+    for backend in ("triton", "auto", "auto-compiled", "auto-blocks"):
+        model.set_attention_backend(backend.split("-")[0])
+        model.compile_blocks(backend.endswith("blocks"))
         if backend.endswith("compiled"):
             fast, _ = compiled(x, y, d)
         else:

@@ -24,7 +24,7 @@ B2D="--model mit-b --input-size 32 32 --channels 4 --batch 32"
 for stage in $STAGES; do
   case $stage in
     check)
-      timeout 90 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
+      timeout 200 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
       # bf16 kernel tests (the CPU interpreter cannot check bf16); needs pytest on the device
       timeout 90 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
           | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;
