@@ -69,9 +69,9 @@ class Config:
     """What --compile compiles. 'step': the loss and its backward as one graph, the fastest steps (H100:
     compiled fast step 1.50x a compiled flow-matching step; 106 s to compile MiT-B there, 2.5-5 min on 2
     CPU cores). 'blocks': each transformer block's forward and JVP rule, compiled once for all blocks,
-    the rest eager: 3.4x faster to compile MiT-B on CPU (84 s) at equal step time there, but mit-tiny
-    steps run 15-20% slower (eager glue between blocks); unmeasured on GPU. --reference-loss always
-    compiles the step."""
+    the rest eager: 2.6x faster to compile MiT-B on CPU (126 s vs 326 s) at about equal step time
+    there, but mit-tiny steps run 15-20% slower (eager glue between blocks); unmeasured on GPU.
+    --reference-loss always compiles the step."""
     reference_loss: bool = False
     """Use the line-by-line reference objective (fastmf.objectives) instead of the fast, equal one."""
     attn_backend: Literal["auto", "torch", "triton"] = "auto"
