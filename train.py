@@ -243,7 +243,7 @@ def main(cfg: Config):
           f"{cfg.data} {tuple(data.x.shape)}, {device}{', bf16' if use_bf16 else ''}; out {out}")
     if cfg.compile and step < cfg.steps:
         print(f"compiling the train step ({scope} scope) on its first call (on 2 CPU cores: ~1-2 min for mit-tiny; "
-              f"mit-b ~2.5-5 min, ~1.5 with --compile-scope blocks; --no-compile skips it)")
+              f"mit-b ~2.5-5 min, ~2 with --compile-scope blocks; --no-compile skips it)")
     out.mkdir(parents=True, exist_ok=True)
     run = None
     if cfg.wandb:
