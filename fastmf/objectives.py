@@ -177,10 +177,14 @@ def mf_guided_velocity(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, 
     return cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
 
 
+def null_dropped(y, d: Draws, num_classes: int):
+    """The labels the net sees: dropped samples get the null class."""
+    return torch.where(d.drop_mask, num_classes, y)
+
+
 def drop_labels(y, v_t, v_g, d: Draws, num_classes: int):
     """Dropped samples condition on the null class and regress the unguided v_t."""
-    y_in = torch.where(d.drop_mask, num_classes, y)
-    return y_in, torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
+    return null_dropped(y, d, num_classes), torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
 
 
 ####################################################################################################

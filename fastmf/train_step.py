@@ -23,7 +23,7 @@ import torch
 
 from kernels import adaptive_sq_loss
 from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, draw, drop_labels,
-                               interpolate, mf_guided_velocity)
+                               interpolate, mf_guided_velocity, null_dropped)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int):
@@ -71,7 +71,7 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     n_fm = int(B * cfg.data_proportion)
     t, r = d.t, d.r
     tb, z_t, v_t = interpolate(x, d, cfg)
-    y_in = torch.where(d.drop_mask, cfg.num_classes, y)                               # dropped: null class
+    y_in = null_dropped(y, d, cfg.num_classes)
     v_u, v_m, w = fast_guidance(apply, params, z_t, t, y, d, n_fm, cfg.num_classes)
     u, v, du_dt = forward_with_du_dt(apply, params, z_t, t, r, v_m, (d.omega, d.t_min, d.t_max, y_in), n_fm, "uv")
     with torch.no_grad():
