@@ -1,56 +1,92 @@
 """MeanFlow objectives as pure functions: MF, iMF and pMF.
 
-Every loss is `loss, metrics = *_loss(apply, params, x, y, gen, cfg)` with
-`apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)`. All randomness of a
+Every loss is `loss, metrics = *_loss(apply, params, x, y, gen, cfg)` with `apply =
+fastmf.models.functional(model)`: `apply(params, z, t, h, omega, t_min, t_max, y, heads=...)`
+returns the backbone contract's Prediction (fastmf/models/contract.py). All randomness of a
 step is drawn first into a `Draws` record (`draw`), and `*_loss_from_draws` is a deterministic
 function of (params, batch, draws), so tests can replay draws exactly. These functions follow the
 reference code line by line; the fast train step (fastmf/train_step.py) is tested against them.
 """
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Callable, Literal
 
 import torch
 
-from fastmf.models.mit import VARIANTS
+from fastmf.models import VARIANTS, Conditions
+from fastmf.models.xpred import clipped_t
 
+# Reference values that differ by variant, for the ObjectiveConfig fields left None: MF
+# (meanflow configs/default.py) data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8.
+VARIANT_DEFAULTS = {
+    "mf": dict(data_proportion=0.75, P_mean=-0.4, P_std=1.0),
+    "imf": dict(data_proportion=0.5, P_mean=-0.4, P_std=1.0),
+    "pmf": dict(data_proportion=0.5, P_mean=0.8, P_std=0.8),
+}
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Loss hyperparameters; `objective_defaults(variant)` gives the reference values."""
-    variant: str = "imf"
+    """Loss hyperparameters. Fields left None take the variant's reference value."""
+    variant: Literal["mf", "imf", "pmf"] = "imf"
+    """Objective: original MeanFlow, improved MeanFlow (v-head, CFG trained in), pixel MeanFlow (x-prediction)."""
     num_classes: int = 1000
-    P_mean: float = -0.4               # logit-normal time sampling
-    P_std: float = 1.0
-    data_proportion: float = 0.5       # fraction of the batch with r = t (flow matching)
-    norm_eps: float = 0.01             # adaptive weight L / sg((L + eps)^p)
+    """Number of classes (the null class is num_classes); the trainer takes it from the data."""
+    P_mean: float | None = None
+    """Logit-normal mean of t and r (default per variant: MF/iMF -0.4, pMF 0.8)."""
+    P_std: float | None = None
+    """Logit-normal std of t and r (default per variant: MF/iMF 1.0, pMF 0.8)."""
+    data_proportion: float | None = None
+    """Fraction of the batch with r = t, flow matching (default per variant: MF 0.75, iMF/pMF 0.5)."""
+    norm_eps: float = 0.01
+    """Adaptive weight L / sg((L + eps)^p): eps."""
     norm_p: float = 1.0
+    """Adaptive weight L / sg((L + eps)^p): p."""
     class_dropout_prob: float = 0.1
-    cfg_max: float = 7.0               # omega in [1, 1 + cfg_max] (iMF/pMF)
-    cfg_beta: float = 1.0              # power-distribution exponent for omega
-    mf_omega: float = 1.0              # MF: fixed guidance scale of v_g = w v_t + (1 - w) u_uncond
-    noise_scale: float = 1.0           # pMF: e ~ N(0, noise_scale^2)
-    perceptual_weight: float = 1.0     # pMF: weight of the (adaptively weighted) perceptual term
-    perceptual_max_t: float = 1.0      # pMF: perceptual term only where t < this
+    """Probability that a sample's label is replaced by the null class."""
+    cfg_max: float = 7.0
+    """iMF/pMF: training omega drawn in [1, 1 + cfg_max]."""
+    cfg_beta: float = 1.0
+    """iMF/pMF: omega's power-distribution exponent (1: log-uniform)."""
+    mf_omega: float = 1.0
+    """MF: training guidance v_g = w v + (1 - w - k) u(null) + k u(y) with u at r = t: w."""
+    mf_kappa: float = 0.5
+    """MF: k of that guidance (the official default w 1, k 0.5: effective scale w / (1 - k) = 2)."""
+    mf_t_start: float = 0.0
+    """MF: guidance applies where mf_t_start <= t <= mf_t_end (v_g = v elsewhere)."""
+    mf_t_end: float = 1.0
+    """MF: end of the guidance interval."""
+    noise_scale: float = 1.0
+    """Noise e ~ N(0, noise_scale^2) (pMF uses 2 at 256 px and up)."""
+    perceptual_weight: float = 1.0
+    """pMF: weight of the adaptively weighted perceptual term, when a perceptual distance is given."""
+    perceptual_max_t: float = 1.0
+    """pMF: the perceptual term applies only where t < this."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not 0.0 <= self.data_proportion <= 1.0:
-            raise ValueError(f"data_proportion must be in [0, 1], got {self.data_proportion}")
-        if self.P_std <= 0 or self.norm_eps < 0 or self.cfg_max < 0 or self.noise_scale <= 0:
-            raise ValueError("P_std and noise_scale must be > 0; norm_eps and cfg_max must be >= 0")
+        for k, v in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
+        checks = [("data_proportion", 0 <= self.data_proportion <= 1, "in [0, 1]"),
+                  ("P_std", self.P_std > 0, "> 0"), ("noise_scale", self.noise_scale > 0, "> 0"),
+                  ("norm_eps", self.norm_eps >= 0, ">= 0"), ("cfg_max", self.cfg_max >= 0, ">= 0"),
+                  ("class_dropout_prob", 0 <= self.class_dropout_prob <= 1, "in [0, 1]"),
+                  ("mf_t_start", 0 <= self.mf_t_start <= self.mf_t_end <= 1, "<= --mf-t-end, both in [0, 1]"),
+                  ("num_classes", self.num_classes >= 1, ">= 1")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)}")
 
 
 def objective_defaults(variant: str, **overrides) -> ObjectiveConfig:
-    """Reference defaults: MF data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8."""
-    base = {"mf": dict(data_proportion=0.75),
-            "imf": dict(),
-            "pmf": dict(P_mean=0.8, P_std=0.8)}
-    if variant not in base:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return ObjectiveConfig(variant=variant, **(base[variant] | overrides))
+    """The reference configuration of `variant`, with overrides."""
+    return ObjectiveConfig(variant=variant, **overrides)
 
 
 ####################################################################################################
@@ -98,7 +134,7 @@ def draw(x: torch.Tensor, gen: torch.Generator, cfg: ObjectiveConfig) -> Draws:
     B = x.shape[0]
     t, r, fm_mask = sample_tr(B, gen, x, cfg)
     e = _rand(x.shape, gen, x, True) * cfg.noise_scale
-    if cfg.variant == "mf":  # MF has no trained guidance: neutral condition tokens
+    if cfg.variant == "mf":  # MF has no guidance inputs: neutral conditions
         omega, t_min, t_max = torch.ones_like(t), torch.zeros_like(t), torch.ones_like(t)
     else:
         t_min = torch.where(fm_mask, 0.0, 0.5 * _rand((B,), gen, x, False))
@@ -134,10 +170,9 @@ def cond_uncond_v(apply: Callable, params: dict, z_t, t, omega, y, num_classes: 
     unconditional (null class) with omega = 1. Returns (v_c, v_u), no gradient."""
     with torch.no_grad():
         B = z_t.shape[0]
-        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-        _, vv = apply(params, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([zeros, zeros]),
-                      torch.cat([omega, ones]), torch.cat([zeros, zeros]), torch.cat([ones, ones]),
-                      torch.cat([y, torch.full_like(y, num_classes)]), heads="v")   # (2B, C, *S)
+        c = Conditions.full(torch.cat([t, t]), torch.cat([y, torch.full_like(y, num_classes)]),
+                            omega=torch.cat([omega, torch.ones_like(omega)]))
+        vv = apply(params, torch.cat([z_t, z_t]), *c, heads="v").v                   # (2B, C, *S)
     return vv[:B], vv[B:]
 
 
@@ -148,11 +183,11 @@ def guidance(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, num_classe
     the tangent. Flow-matching samples use pass 1's v_g (their interval is [0, 1]).
     """
     with torch.no_grad():
-        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+        ones = torch.ones_like(t)
         v_c, v_u = cond_uncond_v(apply, params, z_t, t, d.omega, y, num_classes)
         v_g_fm = v_t + bcast(1 - 1 / d.omega, v_t) * (v_c - v_u)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
-        _, v_c = apply(params, z_t, t, zeros, w, zeros, ones, y, heads="v")
+        v_c = apply(params, z_t, *Conditions.full(t, y, omega=w), heads="v").v
         v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
         v_g = torch.where(bcast(d.fm_mask, v_t), v_g_fm, v_g)
     return v_g, v_c
@@ -162,19 +197,34 @@ def interpolate(x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
     """z_t = (1 - t) x + t e and the conditional velocity v_t; returns (t as (B, 1, ...), z_t, v_t)."""
     tb = bcast(d.t, x)
     z_t = (1 - tb) * x + tb * d.e
-    # pMF writes v_t through x so that v_t and the net's u share the clip at t = 0.05.
-    v_t = (z_t - x) / tb.clamp(0.05, 1.0) if cfg.variant == "pmf" else d.e - x
+    # pMF writes v_t through x so that v_t and the net's u share the clip of t (xpred.T_CLIP).
+    v_t = (z_t - x) / clipped_t(d.t, x) if cfg.variant == "pmf" else d.e - x
     return tb, z_t, v_t
 
 
-def mf_guided_velocity(apply: Callable, params: dict, z_t, t, v_t, y, d: Draws, cfg: ObjectiveConfig):
-    """MF target velocity v_g = w v_t + (1 - w) u(z_t, t, t | null), w = mf_omega; v_t when w = 1."""
-    if cfg.mf_omega == 1.0:
+def mf_guidance_weights(t: torch.Tensor, cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """MF's (w, k) per sample (B,): (mf_omega, mf_kappa) inside [mf_t_start, mf_t_end], (1, 0) outside."""
+    inside = (t >= cfg.mf_t_start) & (t <= cfg.mf_t_end)
+    # Tensors of t's dtype on both sides: a where() of two Python floats would round to float32.
+    return (torch.where(inside, torch.full_like(t, cfg.mf_omega), torch.ones_like(t)),
+            torch.where(inside, torch.full_like(t, cfg.mf_kappa), torch.zeros_like(t)))
+
+
+def mf_uses_guidance(cfg: ObjectiveConfig) -> bool:
+    return not (cfg.mf_omega == 1.0 and cfg.mf_kappa == 0.0)
+
+
+def mf_guided_velocity(apply: Callable, params: dict, z_t, t, v_t, y, cfg: ObjectiveConfig):
+    """MF target velocity v_g = w v_t + (1 - w - k) u(z_t, t, h=0 | null) + k u(z_t, t, h=0 | y)
+    (meanflow.py guidance_fn), where the interval gives (w, k); v_t without guidance."""
+    if not mf_uses_guidance(cfg):
         return v_t
-    with torch.no_grad():  # guidance target from the unconditional instantaneous velocity u(z, t, t)
-        null = torch.full_like(y, cfg.num_classes)
-        u_unc, _ = apply(params, z_t, t, torch.zeros_like(t), d.omega, d.t_min, d.t_max, null, heads="u")
-    return cfg.mf_omega * v_t + (1 - cfg.mf_omega) * u_unc
+    with torch.no_grad():  # the target's guidance from the net's own instantaneous velocity u(z, t, t)
+        B = z_t.shape[0]
+        c = Conditions.full(torch.cat([t, t]), torch.cat([torch.full_like(y, cfg.num_classes), y]))
+        uu = apply(params, torch.cat([z_t, z_t]), *c, heads="u").u                   # (2B, C, *S)
+        w, k = mf_guidance_weights(t, cfg)
+    return bcast(w, v_t) * v_t + bcast(1 - w - k, v_t) * uu[:B] + bcast(k, v_t) * uu[B:]
 
 
 def null_dropped(y, d: Draws, num_classes: int):
@@ -234,11 +284,11 @@ def mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.
     """Original MeanFlow loss for fixed draws: u against sg(v_g - clip(t - r, 0, 1) du/dt)."""
     t, r = d.t, d.r
     _, z_t, v_t = interpolate(x, d, cfg)
-    v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
+    v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, cfg)
     y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
 
     def u_fn(z, t_, r_):
-        return apply(params, z, t_, t_ - r_, d.omega, d.t_min, d.t_max, y_in, heads="u")[0]
+        return apply(params, z, t_, t_ - r_, d.omega, d.t_min, d.t_max, y_in, heads="u").u
 
     u, du_dt = torch.func.jvp(u_fn, (z_t, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
     u_tgt = (v_g - bcast((t - r).clamp(0, 1), u) * du_dt).detach()   # stop-grad target

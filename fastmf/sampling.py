@@ -18,7 +18,7 @@ def sample(apply: Callable, params: dict, z: torch.Tensor, y: torch.Tensor,
     """Integrate the average velocity from noise z (B, C, *S) at t = steps[0] down to steps[-1].
 
     Args:
-        apply: `apply(params, z, t, h, omega, t_min, t_max, y, heads=...)` -> (u, v).
+        apply: `fastmf.models.functional(model)`: `apply(params, z, t, h, omega, t_min, t_max, y, heads=...)`.
         steps: number of uniform steps, or the explicit decreasing times (e.g. [1.0, 0.0]).
         omega, t_min, t_max: CFG scale and interval the model was trained to take, scalars or (B,).
     """
@@ -30,6 +30,6 @@ def sample(apply: Callable, params: dict, z: torch.Tensor, y: torch.Tensor,
     omega, t_min, t_max = col(omega), col(t_min), col(t_max)
     for t, r in zip(times, times[1:]):
         t_b, h_b = col(t), col(t - r)
-        u, _ = apply(params, z, t_b, h_b, omega, t_min, t_max, y, heads="u")     # (B, C, *S)
+        u = apply(params, z, t_b, h_b, omega, t_min, t_max, y, heads="u").u      # (B, C, *S)
         z = z - (t - r) * u
     return z

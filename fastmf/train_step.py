@@ -3,17 +3,17 @@
 What differs from the reference computation (each exact, see tests/test_train_step.py):
 - No tangent graph, no second pass for it. `torch.func.jvp` records the tangent ops in the
   autograd graph although du/dt is stop-grad (pytorch issue 151782), doubling activation memory.
-  Here one with-grad pass gives u and v for the batch and, by MiT's hand-written JVP rules
-  (`tangents=...`: explicit rules, no dual tensors, tangent ops outside autograd), du/dt for the
-  samples that need it, reusing that pass's primal activations.
+  Here one with-grad pass gives u (and v) for the batch and, by the backbone's hand-written JVP
+  rules (`tangent=Tangent(...)` in the backbone contract: no dual tensors, tangent ops outside
+  autograd), du/dt for the samples that need it, reusing that pass's primal activations.
 - No work whose result is known. The first n_fm = int(B * data_proportion) samples are
-  flow-matching samples (r = t): their compound V = u + 0 * du/dt = u needs no tangent; their
-  CFG interval is [0, 1], so the interval-masked guidance pass equals the conditional one for
-  them; and that conditional pass has exactly the with-grad pass's inputs (h = 0), so it is
-  that pass's v, detached. The reference's three v-head passes of B samples each (3B) shrink
-  to one no-grad call of B + (B - n_fm): the unconditional v for all, the masked conditional v
-  for the others. The tangent is carried for those B - n_fm samples only (a static size, so
-  compiled graphs stay static).
+  flow-matching samples (r = t): their target needs no tangent, their CFG interval is [0, 1],
+  and a guidance pass at h = 0 with their own label has exactly the with-grad pass's inputs, so
+  its result is that pass's output, detached. iMF: the reference's three v-head passes of B
+  samples each (3B) shrink to one no-grad call of B + (B - n_fm) (the unconditional v for all,
+  the interval-masked conditional v for the others). MF with kappa: the reference's 2B u-passes
+  shrink to B + (B - n_fm). The tangent is carried for the B - n_fm samples only (a static size,
+  so compiled graphs stay static).
 - The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
   (kernels.adaptive_sq_loss) forward and backward.
 """
@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 from kernels import adaptive_sq_loss
-from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, draw, drop_labels,
-                               interpolate, mf_guided_velocity, null_dropped)
+from fastmf.models import Conditions, Tangent
+from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, draw, interpolate,
+                               mf_guidance_weights, mf_uses_guidance, null_dropped)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int):
@@ -38,10 +39,9 @@ def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int,
         s = slice(n_fm, B)
         ones = torch.ones_like(t)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
-        tt = torch.cat([t, t[s]])                                                     # (2B - n_fm,)
-        _, vv = apply(params, torch.cat([z_t, z_t[s]]), tt, torch.zeros_like(tt), torch.cat([ones, w[s]]),
-                      torch.zeros_like(tt), torch.ones_like(tt),
-                      torch.cat([torch.full_like(y, num_classes), y[s]]), heads="v")
+        c = Conditions.full(torch.cat([t, t[s]]), torch.cat([torch.full_like(y, num_classes), y[s]]),
+                            omega=torch.cat([ones, w[s]]))
+        vv = apply(params, torch.cat([z_t, z_t[s]]), *c, heads="v").v             # (2B - n_fm, C, *S)
     return vv[:B], vv[B:], w
 
 
@@ -57,10 +57,9 @@ def forward_with_du_dt(apply: Callable, params: dict, z_t, t, r, tangent, cond: 
         u, v = apply(*args, heads=heads)
         return u, v, torch.zeros_like(z_t)
     ones = torch.ones_like(t[n_fm:])
-    # The model's hand-written JVP: tangents (dz, dt, dh) = (tangent, 1, 1 - 0) for the last B - n_fm.
-    out = apply(*args, heads=heads, tangents=(tangent, ones, ones))
-    u, v, du = (out[0], None, out[1]) if heads == "u" else out
-    return u, v, torch.cat([du.new_zeros(n_fm, *du.shape[1:]), du])
+    # d/dt along the flow: (dz, dt, dh) = (tangent, 1, 1 - 0) for the last B - n_fm samples.
+    p = apply(*args, heads=heads, tangent=Tangent(tangent, ones, ones))
+    return p.u, p.v, torch.cat([p.du.new_zeros(n_fm, *p.du.shape[1:]), p.du])
 
 
 def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
@@ -95,6 +94,18 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     return loss, metrics
 
 
+def fast_mf_guidance(apply: Callable, params: dict, z_t, t, y, n_fm: int, cfg: ObjectiveConfig):
+    """MF's guidance u-passes at h = 0 the with-grad pass cannot stand in for, one no-grad call:
+    u_null (B, C, *S) for all samples, u_cond (B - n_fm, C, *S) for samples n_fm: (none when
+    mf_kappa is 0: shape (0, C, *S))."""
+    with torch.no_grad():
+        B = z_t.shape[0]
+        s = slice(n_fm if cfg.mf_kappa else B, B)
+        c = Conditions.full(torch.cat([t, t[s]]), torch.cat([torch.full_like(y, cfg.num_classes), y[s]]))
+        uu = apply(params, torch.cat([z_t, z_t[s]]), *c, heads="u").u              # (B + |s|, C, *S)
+    return uu[:B], uu[B:]
+
+
 def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
                             cfg: ObjectiveConfig, loss_backend: str = "auto"):
     """Original MeanFlow loss, equal to objectives.mf_loss_from_draws."""
@@ -102,9 +113,25 @@ def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: t
     n_fm = int(B * cfg.data_proportion)
     t, r = d.t, d.r
     _, z_t, v_t = interpolate(x, d, cfg)
-    v_g = mf_guided_velocity(apply, params, z_t, t, v_t, y, d, cfg)
-    y_in, v_g = drop_labels(y, v_t, v_g, d, cfg.num_classes)
-    u, _, du_dt = forward_with_du_dt(apply, params, z_t, t, r, v_g[n_fm:], (d.omega, d.t_min, d.t_max, y_in), n_fm, "u")
+    y_in = null_dropped(y, d, cfg.num_classes)
+    dropped = bcast(d.drop_mask, v_t)
+    guided = mf_uses_guidance(cfg)
+    with torch.no_grad():
+        if guided:
+            u_null, u_cond = fast_mf_guidance(apply, params, z_t, t, y, n_fm, cfg)
+            w, k = (bcast(a, v_t) for a in mf_guidance_weights(t, cfg))
+
+            def v_g_rows(rows: slice, u_c):
+                """v_g = w v + (1 - w - k) u_null + k u_cond of `rows`; dropped samples regress v."""
+                v_g = w[rows] * v_t[rows] + (1 - w - k)[rows] * u_null[rows]
+                v_g = v_g + k[rows] * u_c if cfg.mf_kappa else v_g
+                return torch.where(dropped[rows], v_t[rows], v_g)
+            tangent = v_g_rows(slice(n_fm, B), u_cond)                               # (B - n_fm, C, *S)
+        else:
+            tangent = v_t[n_fm:]
+    u, _, du_dt = forward_with_du_dt(apply, params, z_t, t, r, tangent, (d.omega, d.t_min, d.t_max, y_in), n_fm, "u")
+    # FM samples' conditional u at h = 0 is the with-grad pass's u, detached (same inputs where used).
+    v_g = torch.cat([v_g_rows(slice(0, n_fm), u[:n_fm].detach()), tangent]) if guided else v_t
     # (u - sg(v_g - c du/dt))^2 = (u + c du/dt - v_g)^2 with c = clip(t - r, 0, 1)
     loss, raw = adaptive_sq_loss(u, v_g, du_dt, (t - r).clamp(0, 1), eps=cfg.norm_eps, p=cfg.norm_p,
                                  backend=loss_backend)

@@ -1,9 +1,9 @@
-"""MiT: parameter counts, exact JVP of the whole net, dtypes, clear errors."""
+"""MiT: parameter counts, exact JVP of the whole net, dtypes, clear errors (DiT: tests/test_dit.py)."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from fastmf.models import PRESETS, build
+from fastmf.models import PRESETS, Tangent, build
 from helpers import tiny_model
 
 
@@ -40,7 +40,7 @@ def test_preset_param_counts(name):
 
 def test_pmf_b16_param_count():
     with torch.device("meta"):
-        model = build("mit-b", depth=16, input_size=(256, 256), patch_size=16, in_channels=3, variant="pmf")
+        model = build("mit-b", "pmf", depth=16, input_size=(256, 256), patch_size=16, in_channels=3)
     n = sum(q.numel() for q in model.parameters())
     assert n == reference_param_count(16, 768, 8, 16, 3, 1000, "pmf", num_tokens=256 + 20)
 
@@ -137,7 +137,8 @@ def test_hand_written_jvp_equals_torch_func_jvp(variant, size, backend, dtype):
     model.set_attention_backend("torch")
     u_ref, du_ref = torch.func.jvp(u_of(model, omega, t_min, t_max, y), (z, t, r), (dz, ones, zeros))
     model.set_attention_backend(backend)
-    u, du = model(z, t, t - r, omega, t_min, t_max, y, heads="u", tangents=(dz, ones, ones))
+    p = model(z, t, t - r, omega, t_min, t_max, y, heads="u", tangent=Tangent(dz, ones, ones))
+    u, du = p.u, p.du
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(u, u_ref, **tol)
     torch.testing.assert_close(du, du_ref, **tol)
@@ -186,7 +187,7 @@ def test_with_grad_pass_carries_the_tangent_of_its_last_samples(variant, size, b
     _, du_ref = torch.func.jvp(u_of(model, omega[s], t_min[s], t_max[s], y[s]), (z[s], t[s], r[s]), (dz, ones, zeros))
 
     model.set_attention_backend(backend)
-    u, v, du = model(z, t, t - r, omega, t_min, t_max, y, heads="uv", tangents=(dz, ones, ones))
+    u, v, du = vars(model(z, t, t - r, omega, t_min, t_max, y, heads="uv", tangent=Tangent(dz, ones, ones))).values()
     grads = torch.autograd.grad((u * 1.3).sum() + v.square().sum(), params)
     torch.testing.assert_close(u, u_ref, **tol)
     torch.testing.assert_close(v, v_ref, **tol)
@@ -195,6 +196,7 @@ def test_with_grad_pass_carries_the_tangent_of_its_last_samples(variant, size, b
     for a, b in zip(grads, g_ref):
         torch.testing.assert_close(a, b, **tol)
     with pytest.raises(ValueError, match="u-head"):
-        model(z, t, t - r, omega, t_min, t_max, y, heads="v", tangents=(dz, ones, ones))
+        model(z, t, t - r, omega, t_min, t_max, y, heads="v", tangent=Tangent(dz, ones, ones))
     with pytest.raises(ValueError, match="Bt <="):
-        model(z[:2], t[:2], (t - r)[:2], omega[:2], t_min[:2], t_max[:2], y[:2], heads="u", tangents=(dz, ones, ones))
+        model(z[:2], t[:2], (t - r)[:2], omega[:2], t_min[:2], t_max[:2], y[:2], heads="u",
+              tangent=Tangent(dz, ones, ones))

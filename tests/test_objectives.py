@@ -52,29 +52,42 @@ def reference_imf(model, params, x, y, d: Draws, cfg, stop_grad=True):
 
 
 def reference_mf(model, params, x, y, d, cfg):
-    """meanflow.py forward with omega = 1 (v_g = v): u_tgt = sg(v - clip(t - r, 0, 1) du/dt)."""
+    """meanflow.py forward, transcribed: guidance_fn (omega, kappa, interval), cond_drop, jvp, adp_wt."""
     expand = lambda s: s.reshape(-1, *[1] * (x.dim() - 1))
     t, r = d.t, d.r
     z_t = (1 - expand(t)) * x + expand(t) * d.e
     v = d.e - x
+    omega, kappa = cfg.mf_omega, cfg.mf_kappa
+    if omega == 1.0 and kappa == 0.0:
+        v_g = v
+    else:
+        def u_at_h0(labels):
+            zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+            return call(model, params, z_t, t, zeros, ones, zeros, ones, labels)[0]
+        u_uncond = u_at_h0(torch.full_like(y, NC))
+        u_cond = u_at_h0(y) if kappa else torch.zeros_like(v)
+        v_g = omega * v + (1 - omega - kappa) * u_uncond + kappa * u_cond
+        inside = (t >= cfg.mf_t_start) & (t <= cfg.mf_t_end)
+        v_g = torch.where(expand(inside), v_g, v).detach()
     y_inp = torch.where(d.drop_mask, NC, y)
+    v_g = torch.where(expand(d.drop_mask), v, v_g)
     with fwAD.dual_level():
-        out = call(model, params, fwAD.make_dual(z_t, v), fwAD.make_dual(t, torch.ones_like(t)),
+        out = call(model, params, fwAD.make_dual(z_t, v_g), fwAD.make_dual(t, torch.ones_like(t)),
                    fwAD.make_dual(t, torch.ones_like(t)) - fwAD.make_dual(r, torch.zeros_like(r)),
                    d.omega, d.t_min, d.t_max, y_inp)[0]
         u, du_dt = fwAD.unpack_dual(out)
-    u_tgt = (v - expand((t - r).clamp(0, 1)) * du_dt).detach()
+    u_tgt = (v_g - expand((t - r).clamp(0, 1)) * du_dt).detach()
     loss = ((u - u_tgt) ** 2).sum(dim=tuple(range(1, x.dim())))
     return (loss / ((loss + cfg.norm_eps) ** cfg.norm_p).detach()).mean()
 
 
-def setup(variant, size=(8, 8), B=6, seed=0):
-    model = tiny_model("pmf" if variant == "pmf" else "imf", input_size=size, num_classes=NC)
+def setup(variant, size=(8, 8), B=6, seed=0, backbone="mit", **overrides):
+    model = tiny_model(variant, input_size=size, num_classes=NC, backbone=backbone)
     apply, params = functional(model)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 2, *size, generator=g, dtype=torch.float64)
     y = torch.randint(0, NC, (B,), generator=g)
-    cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3)
+    cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3, **overrides)
     d = draw(x, g, cfg)
     d.drop_mask[:2] = True  # make sure dropout, FM and MF samples all appear
     d.drop_mask[2:] = False
@@ -82,10 +95,16 @@ def setup(variant, size=(8, 8), B=6, seed=0):
     return model, apply, params, x, y, cfg, d
 
 
-@pytest.mark.parametrize("variant,size", [("imf", (8, 8)), ("pmf", (8, 8)), ("imf", (4, 4, 4)), ("mf", (8, 8)),
-                                          ("mf", (4, 4, 4))])
-def test_objective_matches_reference_transcription(variant, size):
-    model, apply, params, x, y, cfg, d = setup(variant, size)
+MF_GUIDANCE = [dict(mf_omega=1.0, mf_kappa=0.0), dict(), dict(mf_omega=2.5, mf_kappa=0.0),
+               dict(mf_omega=0.2, mf_kappa=0.92, mf_t_end=0.8)]
+
+
+@pytest.mark.parametrize("variant,size,backbone,guidance", [
+    ("imf", (8, 8), "mit", {}), ("pmf", (8, 8), "mit", {}), ("imf", (4, 4, 4), "mit", {}),
+    ("mf", (8, 8), "mit", MF_GUIDANCE[0]), ("mf", (4, 4, 4), "mit", MF_GUIDANCE[1]),
+    *[("mf", (8, 8), "dit", g) for g in MF_GUIDANCE], ("mf", (4, 6, 4), "dit", MF_GUIDANCE[3])])
+def test_objective_matches_reference_transcription(variant, size, backbone, guidance):
+    model, apply, params, x, y, cfg, d = setup(variant, size, backbone=backbone, **guidance)
     fn = mf_loss_from_draws if variant == "mf" else imf_loss_from_draws
     loss, metrics = fn(apply, params, x, y, d, cfg)
     ref = (reference_mf if variant == "mf" else reference_imf)(model, params, x, y, d, cfg)
@@ -112,18 +131,16 @@ def test_stop_gradients_matter_and_are_applied():
     assert (g_ok - g_bad).abs().max() > 1e-6 * g_ok.abs().max()
 
 
-@pytest.mark.parametrize("variant", ["imf", "mf"])
-def test_gradients_reach_every_learning_parameter(variant):
-    model, apply, params, x, y, cfg, d = setup(variant)
+@pytest.mark.parametrize("variant,backbone", [("imf", "mit"), ("mf", "mit"), ("mf", "dit")])
+def test_gradients_reach_every_parameter(variant, backbone):
+    """Every parameter learns (MF on MiT builds no v-head: none is dead weight, as DDP needs)."""
+    model, apply, params, x, y, cfg, d = setup(variant, backbone=backbone)
     fn = mf_loss_from_draws if variant == "mf" else imf_loss_from_draws
     loss, _ = fn(apply, params, x, y, d, cfg)
     loss.backward()
+    assert not any(k.startswith("v_") for k in params) or variant != "mf"
     for k, p in params.items():
-        unused = variant == "mf" and k.startswith(("v_heads", "v_final_layer"))
-        if unused:
-            assert p.grad is None or p.grad.abs().max() == 0, k
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, k
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, k
 
 
 def test_draws_follow_the_reference_distributions():

@@ -4,23 +4,30 @@ import torch
 
 from fastmf.objectives import draw, imf_loss_from_draws, mf_loss_from_draws, objective_defaults
 from fastmf.train_step import fast_imf_loss_from_draws, fast_loss, fast_loss_from_draws, fast_mf_loss_from_draws
+from fastmf.models import Tangent
 from helpers import functional, tiny_model
 
 NC = 5
 
 
-@pytest.mark.parametrize("variant,size,backend,mf_omega", [
-    ("imf", (8, 8), "torch", 1.0), ("imf", (8, 8), "triton", 1.0), ("pmf", (8, 8), "torch", 1.0),
-    ("imf", (4, 4, 4), "triton", 1.0), ("mf", (8, 8), "torch", 1.0), ("mf", (4, 4, 4), "triton", 1.0),
-    ("mf", (8, 8), "torch", 2.5)])
-def test_fast_loss_equals_reference(variant, size, backend, mf_omega):
-    model = tiny_model("pmf" if variant == "pmf" else "imf", input_size=size, num_classes=NC)
+NO_GUIDANCE, OFFICIAL, OMEGA_ONLY = dict(mf_omega=1.0, mf_kappa=0.0), {}, dict(mf_omega=2.5, mf_kappa=0.0)
+INTERVAL = dict(mf_omega=0.2, mf_kappa=0.92, mf_t_end=0.8)
+
+
+@pytest.mark.parametrize("variant,size,backend,backbone,guidance", [
+    ("imf", (8, 8), "torch", "mit", {}), ("imf", (8, 8), "triton", "mit", {}), ("pmf", (8, 8), "torch", "mit", {}),
+    ("imf", (4, 4, 4), "triton", "mit", {}), ("mf", (8, 8), "torch", "mit", NO_GUIDANCE),
+    ("mf", (4, 4, 4), "triton", "mit", OFFICIAL), ("mf", (8, 8), "torch", "mit", OMEGA_ONLY),
+    ("mf", (8, 8), "torch", "dit", NO_GUIDANCE), ("mf", (8, 8), "triton", "dit", OFFICIAL),
+    ("mf", (8, 8), "torch", "dit", OMEGA_ONLY), ("mf", (4, 6, 4), "torch", "dit", INTERVAL)])
+def test_fast_loss_equals_reference(variant, size, backend, backbone, guidance):
+    model = tiny_model(variant, input_size=size, num_classes=NC, backbone=backbone)
     apply, params = functional(model)
     g = torch.Generator().manual_seed(0)
     B = 7
     x = torch.randn(B, 2, *size, generator=g, dtype=torch.float64)
     y = torch.randint(0, NC, (B,), generator=g)
-    cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3, mf_omega=mf_omega)
+    cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3, **guidance)
     d = draw(x, g, cfg)
     d.drop_mask[:] = torch.arange(B) < 2
     d.t_min[-1], d.t_max[-1], d.t[-1] = 0.6, 0.9, 0.95  # an MF sample outside its CFG interval
@@ -70,7 +77,7 @@ def test_pmf_perceptual_term_matches_reference_and_counts():
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m_fast["loss_perceptual"], m_ref["loss_perceptual"])
     assert (ref - plain).abs() > 1e-3  # the term is really added (gated by t < 0.7 per sample)
-    w = params["u_final_layer.linear.weight"]
+    w = params["net.u_final_layer.linear.weight"]  # pMF: x-prediction wraps the MiT as `net`
     torch.testing.assert_close(torch.autograd.grad(fast, w)[0], torch.autograd.grad(ref, w)[0], rtol=1e-8, atol=1e-12)
 
 
@@ -86,7 +93,8 @@ def test_tangent_pass_compiles_as_one_graph_with_triton_attention():
 
     def fn(z, dz):
         with torch.no_grad():
-            return model(z, t, t * 0.5, om, t_min, t_max, y, heads="u", tangents=(dz, ones, ones))
+            p = model(z, t, t * 0.5, om, t_min, t_max, y, heads="u", tangent=Tangent(dz, ones, ones))
+            return p.u, p.du
     model.set_attention_backend("torch")
     u_ref, du_ref = fn(z, dz)
     model.set_attention_backend("triton")
@@ -101,10 +109,10 @@ def test_whole_fast_step_compiles_as_one_graph_on_the_cuda_path(variant):
     """Loss and backward of the fast step, dispatched as on CUDA (SDPA primal passes, the fused
     Triton forward+tangent op, the Triton loss ops), compile with fullgraph=True and match the
     reference objective. Draws stay outside the graph (explicit generators do not trace)."""
-    model = tiny_model("pmf" if variant == "pmf" else "imf", dtype=torch.float32, num_classes=NC, depth=2,
+    model = tiny_model(variant, dtype=torch.float32, num_classes=NC, depth=2,
                        aux_head_depth=1)
     _, params = functional(model)
-    apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
+    apply, _ = functional(model)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(6, 2, 8, 8, generator=g)
     y = torch.randint(0, NC, (6,), generator=g)

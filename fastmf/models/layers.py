@@ -1,4 +1,9 @@
-"""Building blocks of MiT: RMSNorm, SwiGLU, rotary tables, scalar/label embedders, nd patching."""
+"""Building blocks of the backbones: norms, MLP activations with their tangent rules, rotary and
+sin-cos position tables, scalar/label embedders, nd patching.
+
+Each `jvp(x, dx)` method returns (y, dy) for a primal batch x of B samples and a tangent dx for its
+last Bt <= B samples (see `tail`); `tangent(...)` methods return the tangent alone.
+"""
 import math
 
 import torch
@@ -37,6 +42,30 @@ class RMSNorm(nn.Module):
             return y, dn.to(dx.dtype) * self.weight
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm without affine (DiT's), in fp32 (or fp64), returned in the input dtype. Written
+    out: nn.LayerNorm inside a compiled JVP hit an internal assert in torch 2.13."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(compute_dtype(x.dtype))
+        xc = xc - xc.mean(-1, keepdim=True)
+        return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, dy): with centred xc, dxc and r = rsqrt(mean(xc^2) + eps), dy = r dxc - xc r^3 mean(xc dxc)."""
+        y = self(x)
+        with torch.no_grad():
+            ct = compute_dtype(x.dtype)
+            xc, dxc = tail(x, dx).to(ct), dx.to(ct)
+            xc, dxc = xc - xc.mean(-1, keepdim=True), dxc - dxc.mean(-1, keepdim=True)
+            r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+            return y, (r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)).to(dx.dtype)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases."""
 
@@ -71,10 +100,33 @@ def tail(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
     return p[p.shape[0] - dp.shape[0]:].detach()
 
 
+# Regional compilation: every block of a network runs the same code, so one compiled forward and
+# one compiled JVP rule serve all its blocks (dynamo guards on shapes, dtypes and grad mode, not on
+# which block): a handful of small graphs to compile instead of one graph of the whole step.
+_COMPILED: dict = {}
+
+
+def maybe_compiled(fn, enabled: bool):
+    """fn, or its torch.compile'd version (one per function, shared by every caller) if enabled."""
+    if not enabled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
 def silu_jvp(a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(a), silu'(a) da) with silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))."""
     sig = torch.sigmoid(a)
     return a * sig, da * sig * (1 + a * (1 - sig))
+
+
+def gelu_tanh_jvp(a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(a), gelu_tanh'(a) da), gelu_tanh(a) = a (1 + tanh(k (a + 0.044715 a^3))) / 2."""
+    k = math.sqrt(2 / math.pi)
+    th = torch.tanh(k * (a + 0.044715 * a.pow(3)))
+    grad = 0.5 * (1 + th) + 0.5 * a * (1 - th.pow(2)) * k * (1 + 3 * 0.044715 * a.pow(2))
+    return 0.5 * a * (1 + th), da * grad
 
 
 class ScalarEmbedder(nn.Module):
@@ -147,6 +199,25 @@ def rope_axial(grid: tuple[int, ...], num_prefix: int, head_dim: int,
     for a, c in enumerate(coords):
         angles[num_prefix:, a * per_axis:(a + 1) * per_axis] = torch.outer(c.reshape(-1), freqs)
     return angles
+
+
+def sincos_embedding(grid: tuple[int, ...], dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Fixed sin-cos position table (prod(grid), dim) fp64, tokens in row-major order.
+
+    DiT/MAE 2D form generalised to n axes: the channels split into n equal even parts, the first
+    for the last axis (the column, as MAE's meshgrid(w, h) does), the next for the axis before it;
+    each part is [sin(pos w), cos(pos w)] with w_i = theta^(-i / (part / 2)). Channels left over
+    when dim is not divisible by 2n stay 0.
+    """
+    n = len(grid)
+    part = 2 * (dim // (2 * n))
+    w = 1.0 / theta ** (torch.arange(part // 2, dtype=torch.float64) / (part / 2))
+    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
+    out = torch.zeros(math.prod(grid), dim, dtype=torch.float64)
+    for k, axis in enumerate(reversed(range(n))):
+        ang = torch.outer(coords[axis].reshape(-1), w)                              # (N, part/2)
+        out[:, k * part:(k + 1) * part] = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+    return out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """MiT: the MeanFlow Transformer of iMF/pMF, for 2D images and 3D volumes.
 
-A shared trunk of (depth - aux_head_depth) blocks, then a u-head and a v-head of aux_head_depth
-blocks each with their own final layer. Conditioning is in-context: tokens for the class, omega,
-t_min, t_max and h = t - r are prepended to the patch tokens (t itself is not an input token).
+A shared trunk of (depth - aux_head_depth) blocks, then a u-head and (unless v_head=False, for MF)
+a v-head of aux_head_depth blocks each with their own final layer. Conditioning is in-context:
+tokens for the class, omega, t_min, t_max and h = t - r are prepended to the patch tokens (t itself
+is not an input: MiT does not condition on t). pMF's form (absolute position embedding, bottleneck
+patch embedding, axial RoPE) is a set of config options; its x-prediction is models.xpred.
 """
 import math
 from dataclasses import dataclass
@@ -12,11 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import attention, attention_with_tangent
+from fastmf.models.contract import Backbone, Conditions, Prediction, Spec, Tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
-                                  rope_axial, tail, unpatchify)
-
-VARIANTS = ("mf", "imf", "pmf")
+                                  maybe_compiled, rope_axial, tail, unpatchify)
 
 
 @dataclass
@@ -35,8 +36,10 @@ class MiTConfig:
     num_cfg_tokens: int = 4
     num_interval_tokens: int = 2
     num_time_tokens: int = 4
-    variant: str = "imf"                     # "pmf" predicts x inside the net
-    rope: str = ""                           # "1d" (iMF) | "axial" (pMF); "" picks by variant/ndim
+    v_head: bool = True                      # MF trains no v-head
+    patch_embed: str = "linear"              # "linear" (iMF) | "bottleneck" (pMF)
+    pos_embed: bool = False                  # learned absolute position embedding (pMF)
+    rope: str = ""                           # "1d" (iMF) | "axial" (pMF); "": 1d for images, axial for volumes
     weight_init_constant: float = 0.32
     attn_backend: str = "auto"
 
@@ -46,15 +49,15 @@ class MiTConfig:
             raise ValueError(f"input_size must have 2 (image) or 3 (volume) ints, got {self.input_size}")
         if any(s % self.patch_size for s in self.input_size):
             raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.patch_embed not in ("linear", "bottleneck"):
+            raise ValueError(f"patch_embed must be 'linear' or 'bottleneck', got {self.patch_embed!r}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads "
                              "of even size")
         if not 0 < self.aux_head_depth <= self.depth:
             raise ValueError(f"aux_head_depth must be in [1, depth={self.depth}], got {self.aux_head_depth}")
         if not self.rope:
-            self.rope = "axial" if self.variant == "pmf" or len(self.input_size) == 3 else "1d"
+            self.rope = "axial" if len(self.input_size) == 3 else "1d"
         if self.rope not in ("1d", "axial"):
             raise ValueError(f"rope must be '1d' or 'axial', got {self.rope!r}")
 
@@ -82,9 +85,25 @@ class MiTConfig:
     @property
     def bottleneck(self) -> int:
         """pMF's patch bottleneck width (0: plain patch embedding)."""
-        if self.variant != "pmf":
+        if self.patch_embed != "bottleneck":
             return 0
         return 128 if self.hidden_size <= 1024 else 256
+
+
+# depth counts the trunk plus one head; every preset has 8-block heads except mit-tiny.
+PRESETS: dict[str, dict] = {
+    # CPU-sized: fewer condition tokens too, since on 8x8 digits the prefix would outnumber the patches.
+    "mit-tiny": dict(depth=4, hidden_size=64, num_heads=4, aux_head_depth=2, num_class_tokens=4,
+                     num_cfg_tokens=2, num_interval_tokens=1, num_time_tokens=2),
+    "mit-b": dict(depth=12, hidden_size=768, num_heads=12, aux_head_depth=8),
+    "mit-m": dict(depth=24, hidden_size=768, num_heads=12, aux_head_depth=8),
+    "mit-l": dict(depth=32, hidden_size=1024, num_heads=16, aux_head_depth=8),
+    "mit-xl": dict(depth=48, hidden_size=1024, num_heads=16, aux_head_depth=8),
+}
+
+# Config overrides per objective (fastmf.models.build applies them).
+VARIANTS = {"mf": dict(v_head=False), "imf": {},
+            "pmf": dict(patch_embed="bottleneck", pos_embed=True, rope="axial")}
 
 
 ####################################################################################################
@@ -96,7 +115,7 @@ class RoPEAttention(nn.Module):
 
     def __init__(self, hidden: int, num_heads: int, backend: str):
         super().__init__()
-        self.num_heads, self.backend = num_heads, backend
+        self.num_heads, self.attn_backend = num_heads, backend
         self.q_proj = nn.Linear(hidden, hidden, bias=False)
         self.k_proj = nn.Linear(hidden, hidden, bias=False)
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
@@ -112,7 +131,7 @@ class RoPEAttention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)               # (B, N, H, Dh)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)               # (B, N, H, Dh)
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      backend=self.backend)                                # (B, H, N, Dh)
+                      backend=self.attn_backend)                                # (B, H, N, Dh)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))           # (B, N, C)
 
     def jvp(self, x, dx, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +156,9 @@ class RoPEAttention(nn.Module):
         # Each sample's attention is computed once: plain for the first B - Bt, and for the last
         # Bt one fused pass gives O (differentiable) and dO.
         n = B - dx.shape[0]
-        o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=self.backend)  # (Bt, H, N, Dh) x2
+        o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=self.attn_backend)  # (Bt, H, N, Dh) x2
         if n:
-            o = torch.cat([attention(q[:n], k[:n], v[:n], backend=self.backend), o])      # (B, H, N, Dh)
+            o = torch.cat([attention(q[:n], k[:n], v[:n], backend=self.attn_backend), o])      # (B, H, N, Dh)
         out = self.out_proj(flat(o))
         with torch.no_grad():
             return out, F.linear(flat(do), self.out_proj.weight)
@@ -173,21 +192,6 @@ class Block(nn.Module):
             return out, dx + dm * self.mlp_scale
 
 
-# Regional compilation: every block runs the same code, so one compiled forward and one compiled
-# JVP rule serve all blocks (dynamo guards on shapes, dtypes and grad mode, not on which block):
-# a handful of small graphs to compile instead of one graph of the whole step.
-_COMPILED_BLOCK: dict = {}
-
-
-def block_functions(compiled: bool):
-    """Block's (forward, jvp) as plain functions of (block, ...); torch.compile'd ones if asked."""
-    if not compiled:
-        return Block.forward, Block.jvp
-    if not _COMPILED_BLOCK:
-        _COMPILED_BLOCK.update(forward=torch.compile(Block.forward), jvp=torch.compile(Block.jvp))
-    return _COMPILED_BLOCK["forward"], _COMPILED_BLOCK["jvp"]
-
-
 class FinalLayer(nn.Module):
     """RMSNorm + zero-initialised linear to patch features."""
 
@@ -210,12 +214,14 @@ class FinalLayer(nn.Module):
 #                                             MiT                                                  #
 ####################################################################################################
 
-class MiT(nn.Module):
-    """MeanFlow Transformer with a shared trunk, a u-head and a v-head."""
+class MiT(Backbone):
+    """MeanFlow Transformer with a shared trunk, a u-head and (optionally) a v-head."""
 
     def __init__(self, cfg: MiTConfig):
         super().__init__()
         self.cfg = cfg
+        self.spec = Spec(heads="uv" if cfg.v_head else "u", conditions_on_t=False, in_channels=cfg.in_channels,
+                         input_size=cfg.input_size, num_classes=cfg.num_classes, num_tokens=cfg.num_tokens)
         C = cfg.hidden_size
         self.x_embedder = (BottleneckPatchEmbed(cfg.patch_dim, cfg.bottleneck, C) if cfg.bottleneck
                            else PatchEmbed(cfg.patch_dim, C))
@@ -229,27 +235,32 @@ class MiT(nn.Module):
         self.t_min_tokens = nn.Parameter(torch.empty(cfg.num_interval_tokens, C))
         self.t_max_tokens = nn.Parameter(torch.empty(cfg.num_interval_tokens, C))
         self.time_tokens = nn.Parameter(torch.empty(cfg.num_time_tokens, C))
-        self.pos_embed = nn.Parameter(torch.empty(cfg.num_tokens, C)) if cfg.variant == "pmf" else None
+        self.pos_embed = nn.Parameter(torch.empty(cfg.num_tokens, C)) if cfg.pos_embed else None
         shared = cfg.depth - cfg.aux_head_depth
         self.shared_blocks = nn.ModuleList(Block(cfg) for _ in range(shared))
         self.u_heads = nn.ModuleList(Block(cfg) for _ in range(cfg.aux_head_depth))
-        self.v_heads = nn.ModuleList(Block(cfg) for _ in range(cfg.aux_head_depth))
         self.u_final_layer = FinalLayer(C, cfg.patch_dim)
-        self.v_final_layer = FinalLayer(C, cfg.patch_dim)
+        if cfg.v_head:
+            self.v_heads = nn.ModuleList(Block(cfg) for _ in range(cfg.aux_head_depth))
+            self.v_final_layer = FinalLayer(C, cfg.patch_dim)
 
         head_dim = C // cfg.num_heads
         angles = (rope_1d(cfg.num_tokens, head_dim) if cfg.rope == "1d"
                   else rope_axial(cfg.grid, cfg.num_prefix, head_dim))     # (N, Dh/2) fp64
-        # Tables, not parameters: non-persistent so checkpoints hold only learned weights.
-        self.register_buffer("rope_cos", torch.cos(angles).float(), persistent=False)
-        self.register_buffer("rope_sin", torch.sin(angles).float(), persistent=False)
+        # Tables, not parameters (non-persistent: checkpoints hold only learned weights). Kept in
+        # fp64 so that a .double() model is fp64-exact; apply_rope computes in fp32 or fp64.
+        self.register_buffer("rope_cos", torch.cos(angles), persistent=False)
+        self.register_buffer("rope_sin", torch.sin(angles), persistent=False)
         self.compiled_blocks = False
         self.initialize_weights()
+
+    def blocks(self) -> list:
+        return [*self.shared_blocks, *self.u_heads, *(self.v_heads if self.cfg.v_head else [])]
 
     def initialize_weights(self):
         """Gaussian fan-in init, zero gates and output layers (as the references)."""
         C = self.cfg.hidden_size
-        for blk in [*self.shared_blocks, *self.u_heads, *self.v_heads]:
+        for blk in self.blocks():
             for lin in [blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.attn.out_proj,
                         blk.mlp.w1, blk.mlp.w2, blk.mlp.w3]:
                 nn.init.normal_(lin.weight, std=self.cfg.weight_init_constant / math.sqrt(lin.in_features))
@@ -268,43 +279,9 @@ class MiT(nn.Module):
         for lin in [m for m in self.x_embedder.modules() if isinstance(m, nn.Linear)]:
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
-        for final in (self.u_final_layer, self.v_final_layer):
+        for final in [self.u_final_layer, *([self.v_final_layer] if self.cfg.v_head else [])]:
             nn.init.zeros_(final.linear.weight)
             nn.init.zeros_(final.linear.bias)
-
-    def compile_blocks(self, enabled: bool = True):
-        """Run every block's forward and JVP rule through torch.compile (regional compilation).
-
-        Compiles in a fraction of the time a whole compiled train step takes (the blocks share
-        their compiled code); the rest of the step (embeddings, final layers, loss) stays eager.
-        Meant for the fast loss (train.py --compile-scope blocks); a step under torch.func
-        transforms or an outer torch.compile should leave it off.
-        """
-        self.compiled_blocks = enabled
-
-    def set_attention_backend(self, backend: str):
-        """Switch every block's attention backend ("torch", "triton", "sdpa", "auto")."""
-        self.cfg.attn_backend = backend
-        for m in self.modules():
-            if isinstance(m, RoPEAttention):
-                m.backend = backend
-
-    def check_inputs(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """One-line errors for inputs the model cannot take."""
-        cfg = self.cfg
-        if tuple(z.shape[1:]) != (cfg.in_channels, *cfg.input_size):
-            raise ValueError(f"MiT expects input (B, {cfg.in_channels}, {', '.join(map(str, cfg.input_size))}), "
-                             f"got {tuple(z.shape)}")
-        if t.shape != z.shape[:1] or y.shape != z.shape[:1]:
-            raise ValueError(f"t, h, omega, t_min, t_max and y must have shape (B,) = ({z.shape[0]},), "
-                             f"got t {tuple(t.shape)}, y {tuple(y.shape)}")
-        # Value checks read the values: only for CPU tensors outside compiled code, so that a GPU step
-        # never waits on a device sync (training draws and sampling times are valid by construction).
-        if t.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(((t < 0) | (t > 1)).any()):
-                raise ValueError(f"t must lie in [0, 1], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
-            if bool(((y < 0) | (y > cfg.num_classes)).any()):
-                raise ValueError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
 
     def build_sequence(self, z, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Condition tokens (class, omega, t_min, t_max, time) then patch tokens: (B, N, C)."""
@@ -319,80 +296,48 @@ class MiT(nn.Module):
         seq = torch.cat([g.to(x_embed.dtype) for g in groups] + [x_embed], dim=1)    # (B, N, C)
         return seq if self.pos_embed is None else seq + self.pos_embed
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, omega: torch.Tensor,
-                t_min: torch.Tensor, t_max: torch.Tensor, y: torch.Tensor,
-                heads: str = "uv", tangents: tuple | None = None) -> tuple:
-        """Average velocity u and instantaneous velocity v at z (B, C, *S).
-
-        t is used only by pMF's x -> u conversion; the net sees h = t - r, omega, t_min, t_max, y.
-        `heads` picks what to compute: "uv", "u" (sampling) or "v" (guidance); the other is None.
-
-        With `tangents=(dz, dt, dh)` for the last Bt <= B samples (dz (Bt, C, *S), dt and dh
-        (Bt,)), the same pass also gives du (Bt, C, *S), the exact directional derivative of u for
-        those samples, by hand-written JVP rules (no dual tensors, no autograd graph: du is
-        stop-grad): returns (u, du) for heads="u" and (u, v, du) for heads="uv". u and v keep
-        their autograd graph as in a plain pass, so one with-grad pass can carry the tangent.
-        """
-        self.check_inputs(z, t, y)
-        if tangents is not None:
-            if heads not in ("u", "uv"):
-                raise ValueError(f"tangents need the u-head: heads must be 'u' or 'uv', got {heads!r}")
-            u, v, du = self._forward_with_tangent(z, t, h, omega, t_min, t_max, y, heads, *tangents)
-            return (u, du) if heads == "u" else (u, v, du)
-        seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
+    def predict(self, z: torch.Tensor, c: Conditions, heads: str, tangent: Tangent | None) -> Prediction:
+        seq = self.build_sequence(z, c.h, c.omega, c.t_min, c.t_max, c.y)          # (B, N, C)
+        if tangent is not None:
+            return self._predict_with_tangent(z, seq, c, heads, tangent)
         seq = self._run(self.shared_blocks, seq)
-        u = self._velocity_from_tokens(self._run(self.u_heads, seq), self.u_final_layer, z, t) if "u" in heads else None
-        v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
-        return u, v
+        u = self._head(self.u_heads, self.u_final_layer, seq) if "u" in heads else None
+        v = self._head(self.v_heads, self.v_final_layer, seq) if "v" in heads else None
+        return Prediction(u, v)
 
     def _run(self, blocks, seq):
-        forward, _ = block_functions(self.compiled_blocks)
+        forward = maybe_compiled(Block.forward, self.compiled_blocks)
         for blk in blocks:
             seq = forward(blk, seq, self.rope_cos, self.rope_sin)
         return seq
 
-    def _velocity_from_tokens(self, seq, final: "FinalLayer", z, t) -> torch.Tensor:
-        """Final layer on the patch tokens, unpatchified; pMF: x-prediction -> velocity."""
-        out = unpatchify(final(seq[:, self.cfg.num_prefix:]), self.cfg.patch_size, self.cfg.grid)
-        if self.cfg.variant != "pmf":
-            return out
-        # x-prediction inside the net: u = (z - x_hat) / clip(t, 0.05, 1).
-        return (z - out) / t.clamp(0.05, 1.0).reshape(-1, *[1] * (z.dim() - 1))
+    def _head(self, blocks, final: "FinalLayer", seq) -> torch.Tensor:
+        """Head blocks, final layer on the patch tokens, unpatchified: (B, C, *S)."""
+        out = final(self._run(blocks, seq)[:, self.cfg.num_prefix:])
+        return unpatchify(out, self.cfg.patch_size, self.cfg.grid)
 
-    def _forward_with_tangent(self, z, t, h, omega, t_min, t_max, y, heads, dz, dt, dh):
-        """u (and v) for all B samples, du along (dz, dt, dh) for the last Bt, through the u-path."""
+    def _predict_with_tangent(self, z, seq, c: Conditions, heads: str, tangent: Tangent) -> Prediction:
+        """u (and v) for all B samples, du along (dz, dh) for the last Bt, through the u-path
+        (MiT does not read t, so dt does not enter)."""
         cfg = self.cfg
         cos, sin = self.rope_cos, self.rope_sin
-        B, Bt = z.shape[0], dz.shape[0]
-        if dz.shape[1:] != z.shape[1:] or dt.shape != (Bt,) or dh.shape != (Bt,) or Bt > B:
-            raise ValueError(f"tangents (dz, dt, dh) must be ((Bt, *z.shape[1:]), (Bt,), (Bt,)) with Bt <= "
-                             f"{B}; got {tuple(dz.shape)}, {tuple(dt.shape)}, {tuple(dh.shape)}")
-        seq = self.build_sequence(z, h, omega, t_min, t_max, y)                      # (B, N, C)
+        Bt = tangent.dz.shape[0]
         with torch.no_grad():
             # Only the time tokens (through h) and the patch tokens (through z) carry a tangent.
-            dh_emb = self.h_embedder.tangent(tail(h, dh), dh)                        # (Bt, C)
-            d_patch = self.x_embedder.tangent(patchify(dz, cfg.patch_size))         # (Bt, Np, C)
+            dh_emb = self.h_embedder.tangent(tail(c.h, tangent.dh), tangent.dh)      # (Bt, C)
+            d_patch = self.x_embedder.tangent(patchify(tangent.dz, cfg.patch_size))  # (Bt, Np, C)
             n_before_time = cfg.num_prefix - cfg.num_time_tokens
             dseq = torch.cat([d_patch.new_zeros(Bt, n_before_time, d_patch.shape[-1]),
                               dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
                               d_patch], dim=1)                                       # (Bt, N, C)
-        _, jvp = block_functions(self.compiled_blocks)
+        jvp = maybe_compiled(Block.jvp, self.compiled_blocks)
         for blk in self.shared_blocks:
             seq, dseq = jvp(blk, seq, dseq, cos, sin)
-        v = self._velocity_from_tokens(self._run(self.v_heads, seq), self.v_final_layer, z, t) if "v" in heads else None
+        v = self._head(self.v_heads, self.v_final_layer, seq) if "v" in heads else None
         for blk in self.u_heads:
             seq, dseq = jvp(blk, seq, dseq, cos, sin)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
-        out = unpatchify(out, cfg.patch_size, cfg.grid)                              # (B, C, *S)
+        u = unpatchify(out, cfg.patch_size, cfg.grid)                                # (B, C, *S)
         with torch.no_grad():
-            dout = unpatchify(dout, cfg.patch_size, cfg.grid)                        # (Bt, C, *S)
-        if cfg.variant != "pmf":
-            return out, v, dout
-        # u = (z - x_hat) / c with c = clip(t, 0.05, 1); dc = dt inside the clip range (as torch's clamp).
-        shape = (-1, *[1] * (z.dim() - 1))
-        u = (z - out) / t.clamp(0.05, 1.0).reshape(shape)
-        with torch.no_grad():
-            tt = tail(t, dt)
-            c = tt.clamp(0.05, 1.0).reshape(shape)
-            dc = torch.where((tt >= 0.05) & (tt <= 1.0), dt, torch.zeros_like(dt)).reshape(shape)
-            return u, v, (dz - dout) / c - tail(u, dz) * dc / c
+            du = unpatchify(dout, cfg.patch_size, cfg.grid)                          # (Bt, C, *S)
+        return Prediction(u, v, du)
