@@ -15,13 +15,13 @@ import tyro
 
 from fastmf.ckpt import load_checkpoint, unflatten_state
 from fastmf.images import save_grid, save_nifti, save_npz
-from fastmf.models import MiT, MiTConfig
+from fastmf.models import Backbone, from_record, functional
 from fastmf.sampling import sample
 
 
 @dataclass
 class Args:
-    """Generate samples with the u-head of a trained MiT."""
+    """Generate samples with the u-head of a trained model (the checkpoint says which backbone)."""
     ckpt: str
     """Run folder (holding ckpt.safetensors) or the .safetensors file itself."""
     out: str = "samples.png"
@@ -54,7 +54,7 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
-def load_model(path: str, weights: str, device) -> tuple[MiT, dict, dict]:
+def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     p = Path(path)
     file = p / "ckpt.safetensors" if p.is_dir() else p
     if not file.exists():
@@ -63,11 +63,19 @@ def load_model(path: str, weights: str, device) -> tuple[MiT, dict, dict]:
         tensors, meta = load_checkpoint(file)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    groups = unflatten_state(tensors)
-    if weights not in ("ema", "params") or weights not in groups:
-        fail(f"--weights must be 'ema' or 'params' and present in the checkpoint; got {weights!r}")
-    model = MiT(MiTConfig(**meta["model"])).to(device)
-    model.load_state_dict(groups[weights], strict=True)
+    if "model" not in meta:
+        fail(f"{file} has no fastmf model record: not a checkpoint written by fastmf's train.py")
+    try:
+        groups = unflatten_state(tensors)
+    except ValueError as e:
+        fail(f"{file}: {e}")
+    if weights not in groups:
+        fail(f"--weights {weights}: the checkpoint holds no {weights!r} weights")
+    try:
+        model = from_record(meta["model"]).to(device)
+        model.load_state_dict(groups[weights], strict=True)
+    except (ValueError, RuntimeError) as e:
+        fail(f"{file} does not hold the model its record describes: {str(e).splitlines()[0]}")
     model.eval()
     return model, {k: v for k, v in model.named_parameters()}, meta
 
@@ -82,13 +90,13 @@ def main(args: Args):
     if not out.name.endswith((".png", ".npz", ".nii.gz", ".nii")):
         fail(f"--out must end in .png, .npz, .nii.gz or .nii, got {out}")
     model, params, meta = load_model(args.ckpt, args.weights, device)
-    if model.cfg.variant == "mf":
+    if model.record["variant"] == "mf":
         if args.omega not in (None, 1.0) or (args.t_min, args.t_max) != (0.0, 1.0):
             fail("MF models take no guidance inputs: leave --omega, --t-min and --t-max at their defaults")
         omega = 1.0
     else:
         omega = 2.0 if args.omega is None else args.omega
-    num_classes = meta["num_classes"]
+    num_classes = model.spec.num_classes
     if args.labels:
         try:
             labels = torch.tensor([int(s) for s in args.labels.split(",")])
@@ -99,18 +107,17 @@ def main(args: Args):
     else:
         labels = torch.arange(num_classes).repeat_interleave(args.n)
     labels = labels.to(device)
-    c = model.cfg
+    spec = model.spec
     g = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(len(labels), c.in_channels, *c.input_size, generator=g).to(device)
-    apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
-    x = sample(apply, params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
+    z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=g).to(device)
+    x = sample(functional(model), params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
     elif out.name.endswith(".npz"):
         save_npz(x, labels, out)
     else:
-        if len(c.input_size) != 3:
+        if len(spec.input_size) != 3:
             fail("NIfTI output needs a 3D (volume) model")
         files = save_nifti(x, out)
         print(f"wrote {len(files)} volumes: {files[0]} ...")

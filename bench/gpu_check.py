@@ -10,19 +10,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmf.models import build  # noqa: E402
+from fastmf.models import build, functional  # noqa: E402
 from fastmf.objectives import draw, imf_loss_from_draws, objective_defaults  # noqa: E402
 from fastmf.train_step import fast_imf_loss_from_draws, fast_loss_from_draws  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
     torch.manual_seed(0)
-    model = build("mit-tiny", input_size=size, in_channels=3, num_classes=10, variant=variant).cuda()
+    model = build("mit-tiny", variant, input_size=size, in_channels=3, num_classes=10).cuda()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     params = dict(model.named_parameters())
-    apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
+    apply = functional(model)
     x = torch.randn(16, 3, *size, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
     cfg = objective_defaults(variant, num_classes=10)

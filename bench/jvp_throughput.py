@@ -3,9 +3,10 @@
     python bench/jvp_throughput.py                                   # CPU: mit-tiny on 8x8, fp32
     python bench/jvp_throughput.py --model mit-b --input-size 32 32 --channels 4 --batch 64 --dtype bf16
     python bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 --dtype bf16
+    python bench/jvp_throughput.py --model dit-tiny                  # MeanFlow's DiT, MF (its only variant)
 
 Cases, same model weights and batch, each a full step (loss, backward, Adam):
-  fm     plain flow matching, u and v heads at r = t, attention "sdpa" (the floor)
+  fm     plain flow matching, every head the backbone has at r = t, attention "sdpa" (the floor)
   naive  the reference objective as PyTorch repos run it today: torch.func.jvp over the whole
          net with math attention, tangent ops recorded by autograd, unfused loss, no compile
   fast   fastmf: fastmf.train_step (guidance in one no-grad call of 1.5B samples, then one
@@ -40,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmf.models import PRESETS, build  # noqa: E402
+from fastmf.models import PRESETS, VARIANTS, Conditions, build, functional  # noqa: E402
 from fastmf.objectives import LOSSES_FROM_DRAWS, draw, objective_defaults  # noqa: E402
 from fastmf.train_step import fast_loss_from_draws  # noqa: E402
 
@@ -52,13 +53,11 @@ def fm_draw(x, gen, cfg):
 
 
 def fm_loss_from_draws(apply, params, x, y, d, cfg):
-    """Flow matching: both heads regress v_t at h = 0 (no JVP, no guidance)."""
+    """Flow matching: every head the backbone has regresses v_t at h = 0 (no JVP, no guidance)."""
     t, e = d
     tb = t.reshape(-1, *[1] * (x.dim() - 1))
     z_t, v_t = (1 - tb) * x + tb * e, e - x
-    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-    u, v = apply(params, z_t, t, zeros, ones, zeros, ones, y, heads="uv")
-    loss = (u - v_t).pow(2).mean() + (v - v_t).pow(2).mean()
+    loss = sum((out - v_t).pow(2).mean() for out in apply(params, z_t, *Conditions.full(t, y)) if out is not None)
     return loss, {"loss": loss.detach()}
 
 
@@ -126,7 +125,7 @@ class Case:
         params = dict(self.model.named_parameters())
         # fused Adam on CUDA (as train.py): a few kernels per step instead of several per parameter
         self.opt = torch.optim.Adam(params.values(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
-        apply = lambda p, *a, **kw: torch.func.functional_call(self.model, p, a, kw)
+        apply = functional(self.model)
         gen = torch.Generator(device=device).manual_seed(0)
         step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)
         if compiled and args.compile_scope == "blocks":  # the blocks' compiled code is shared by all cases
@@ -211,7 +210,7 @@ class Case:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mit-tiny", choices=list(PRESETS))
-    p.add_argument("--variant", default="imf", choices=["mf", "imf", "pmf"])
+    p.add_argument("--variant", default=None, choices=VARIANTS, help="default: iMF, or MF for backbones without a v-head")
     p.add_argument("--input-size", type=int, nargs="+", default=[8, 8], help="2 ints (image) or 3 (volume)")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--patch-size", type=int, default=2)
@@ -241,12 +240,16 @@ def main():
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
 
     torch.manual_seed(0)
-    model = build(args.model, input_size=tuple(args.input_size), in_channels=args.channels,
-                  patch_size=args.patch_size, num_classes=10, variant=args.variant).to(device)
-    with torch.no_grad():  # non-zero gates so every block does real work in every pass
-        for n, q in model.named_parameters():
-            if n.endswith("_scale"):
-                q.fill_(0.1)
+    try:
+        model = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
+                      patch_size=args.patch_size, num_classes=10).to(device)
+    except ValueError as e:
+        p.error(str(e))
+    args.variant = model.record["variant"]
+    with torch.no_grad():  # zero-initialised gates and modulations made non-zero: every block does real work
+        for q in model.parameters():
+            if not q.any():
+                q.normal_(0, 0.02)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
@@ -257,7 +260,7 @@ def main():
             "naive": (draw, LOSSES_FROM_DRAWS[args.variant], "torch"),
             "fast": (draw, fast_loss_from_draws, "auto")}
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "args": vars(args), "tokens": model.cfg.num_tokens,
+            "torch": torch.__version__, "args": vars(args), "tokens": model.spec.num_tokens,
             "params_M": sum(q.numel() for q in model.parameters()) / 1e6}
     print(f"{args.model} {args.variant} {tuple(args.input_size)} p{args.patch_size}: {meta['tokens']} tokens, "
           f"batch {args.batch}, {args.dtype}, {meta['device']}")

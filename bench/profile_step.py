@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.jvp_throughput import fm_draw, fm_loss_from_draws  # noqa: E402
-from fastmf.models import build  # noqa: E402
+from fastmf.models import build, functional  # noqa: E402
 from fastmf.objectives import draw, interpolate, objective_defaults  # noqa: E402
 from fastmf.train_step import fast_guidance, fast_loss_from_draws, forward_with_du_dt  # noqa: E402
 
@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 size = tuple(args.input_size)
 model = build("mit-b", input_size=size, in_channels=4, num_classes=10).cuda()
 params = dict(model.named_parameters())
-apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
+apply = functional(model)
 x = torch.randn(args.batch, 4, *size, device="cuda")
 y = torch.randint(0, 10, (args.batch,), device="cuda")
 cfg = objective_defaults("imf", num_classes=10)

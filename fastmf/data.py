@@ -6,7 +6,7 @@ Bad input raises ValueError / FileNotFoundError with a one-line message naming t
 
 Entry points:
     load_dataset("digits" | "phantom3d" | path, size=, channels=, seed=, num_phantoms=) -> Dataset
-    batches(x, y, batch_size, generator, start=0) -> infinite iterator of (x, y) batches
+    EpochSampler(n, batch_size, seed).indices(step) -> the sample indices of a step's batch
 """
 from __future__ import annotations
 
@@ -342,40 +342,26 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
     return Dataset(x, y, len(classes))
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
-            start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless random batches: each epoch is a fresh permutation drawn from `generator`.
+class EpochSampler:
+    """Which samples make the global batch of each step: a function of (seed, step) only.
 
-    Every batch has `batch_size` samples (the epoch's last partial batch is dropped).
-    `generator` must serve only this iterator. While an epoch is in progress it keeps the state
-    it had when the epoch began (it advances as the epoch's last batch is handed out), so for
-    exact resume save `generator.get_state()` and the step, restore the state and pass
-    `start=step % (len(x) // batch_size)`. `start` skips that many batches (whole epochs too).
+    Epoch e is a permutation of the dataset drawn from a generator seeded by (seed, e); step s
+    takes the slice s % per_epoch of epoch s // per_epoch (the last partial batch is dropped).
+    Nothing to save but the step, so a resumed run sees exactly the batches an uninterrupted one
+    would, and any slicing of a batch (e.g. across ranks) sees the same global batch.
     """
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-    if not 1 <= batch_size <= len(x):
-        raise ValueError(f"batch_size must be in 1..{len(x)} (the dataset size), got {batch_size}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    return _batches(x, y, batch_size, generator, start)
 
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch size must be in 1..{n} (the dataset size), got {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
-             start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    # Separate from `batches` so bad arguments fail at the call, not at the first next().
-    per_epoch = len(x) // batch_size
-    skip_epochs, offset = divmod(start, per_epoch)
-    for _ in range(skip_epochs):
-        torch.randperm(len(x), generator=generator)
-    while True:
-        epoch_state = generator.get_state()
-        perm = torch.randperm(len(x), generator=generator)
-        next_state = generator.get_state()
-        generator.set_state(epoch_state)
-        for i in range(offset, per_epoch):
-            if i == per_epoch - 1:
-                generator.set_state(next_state)
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            yield x[idx], y[idx]
-        offset = 0
+    def indices(self, step: int) -> torch.Tensor:
+        """Sample indices (batch_size,) of the global batch of `step`."""
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, kept while the epoch lasts
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]

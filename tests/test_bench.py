@@ -4,13 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_jvp_throughput_runs_all_cases(tmp_path):
+@pytest.mark.parametrize("model", ["mit-tiny", "dit-tiny"])
+def test_jvp_throughput_runs_all_cases(tmp_path, model):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/jvp_throughput.py"), "--batch", "8", "--steps", "2",
-                    "--warmup", "0", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(ROOT / "bench/jvp_throughput.py"), "--model", model, "--batch", "8",
+                    "--steps", "2", "--warmup", "0", "--out", str(out)], check=True, capture_output=True, timeout=600)
     rep = json.loads(out.read_text())
     assert [r["case"] for r in rep["results"]] == ["fm", "naive", "fast"]
     for r in rep["results"]:

@@ -1,6 +1,5 @@
 """fastmf.data: shapes, ranges, determinism, splits, phantoms, loaders' errors, batch resume."""
 import gzip
-import itertools
 
 import nibabel as nib
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastmf.data import (batches, load_arrays, load_dataset, load_digits, load_image_folder,
+from fastmf.data import (EpochSampler, load_arrays, load_dataset, load_digits, load_image_folder,
                          load_nifti_folder, make_phantoms)
 
 
@@ -153,35 +152,15 @@ def test_arrays_npz_safetensors_shards_and_errors(tmp_path):
         load_arrays(tmp_path / "nope.npz")
 
 
-def _take(it, k):
-    return [b for b in itertools.islice(it, k)]
-
-
-def test_batches_cover_epochs_and_resume_exactly():
-    x = torch.arange(10).float()[:, None]
-    y = torch.arange(10)
-    ref_gen = torch.Generator().manual_seed(5)
-    ref = _take(batches(x, y, 3, ref_gen), 10)  # 3 batches per epoch, the 10th remainder dropped
-    assert all(torch.equal(bx[:, 0].long(), by) and len(by) == 3 for bx, by in ref)
-    epoch = torch.cat([by for _, by in ref[:3]])
-    assert len(set(epoch.tolist())) == 9  # no repeats within an epoch
-    assert not torch.equal(epoch, torch.cat([by for _, by in ref[3:6]]))  # reshuffled
-
-    # Resume from a saved generator state at every step, mid-epoch and at epoch ends.
-    for step in range(8):
-        gen = torch.Generator().manual_seed(5)
-        it = batches(x, y, 3, gen)
-        _take(it, step)
-        saved = gen.get_state()
-        fresh = torch.Generator()
-        fresh.set_state(saved)
-        resumed = _take(batches(x, y, 3, fresh, start=step % 3), 10 - step)
-        assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, ref[step:])), step
-    # Or from the initial seed, skipping whole epochs too.
-    skipped = _take(batches(x, y, 3, torch.Generator().manual_seed(5), start=7), 3)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(skipped, ref[7:]))
-
-    with pytest.raises(ValueError, match="batch_size must be in 1..10"):
-        batches(x, y, 11, ref_gen)
-    with pytest.raises(ValueError, match="y has 9"):
-        batches(x, y[:9], 3, ref_gen)
+def test_epoch_sampler_covers_epochs_and_depends_on_seed_and_step_only():
+    sampler = EpochSampler(10, 3, seed=5)  # 3 batches per epoch, the 10th sample dropped
+    steps = [sampler.indices(s) for s in range(9)]
+    for e in range(3):
+        epoch = torch.cat(steps[3 * e:3 * e + 3])
+        assert len(set(epoch.tolist())) == 9 and epoch.max() < 10
+    assert not torch.equal(torch.cat(steps[:3]), torch.cat(steps[3:6]))  # a fresh permutation each epoch
+    fresh = EpochSampler(10, 3, seed=5)  # a resumed run: a new sampler, asked from step 7 on
+    assert all(torch.equal(fresh.indices(s), steps[s]) for s in (7, 8, 4))
+    assert not torch.equal(EpochSampler(10, 3, seed=6).indices(0), steps[0])
+    with pytest.raises(ValueError, match="batch size must be in 1..10"):
+        EpochSampler(10, 11, seed=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastmf.models import build
+from fastmf.models import build, functional
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES = {
@@ -14,16 +14,18 @@ CASES = {
 }
 
 
-def official_to_fastmf(state: dict, patch: int) -> dict:
-    """Map the official state dict onto MiT names: drop flax wrappers, convs become linears."""
+def official_to_fastmf(state: dict, variant: str) -> dict:
+    """Map the official state dict onto fastmf names: drop flax wrappers, convs become linears; pMF's
+    MiT sits inside the x-prediction wrapper as `net`, as the official pMF net does."""
     out = {}
+    prefix = "net." if variant == "pmf" else ""
     for key, w in state.items():
         if not key.startswith("param.net."):
             continue
-        name = key.removeprefix("param.net.").replace("._flax_linear", "").replace("._flax_embedding", "")
+        name = prefix + key.removeprefix("param.net.").replace("._flax_linear", "").replace("._flax_embedding", "")
         if w.dim() == 4:  # conv (out, in, p, p) -> linear over features ordered (pi, pj, c)
             w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-        if name.endswith("_tokens") or name == "pos_embed":
+        if name.endswith(("_tokens", "pos_embed")):
             w = w.reshape(-1, w.shape[-1])
         out[name] = w
     return out
@@ -35,11 +37,11 @@ def load_case(variant: str, dtype: torch.dtype):
     if not path.exists():
         pytest.fail(f"golden file missing: {path}")
     g = load_file(str(path))
-    model = build("mit-tiny", depth=3, aux_head_depth=2, hidden_size=64, num_heads=4, num_classes=10,
-                  variant=variant, attn_backend="torch", num_class_tokens=8, num_cfg_tokens=4,
+    model = build("mit-tiny", variant, depth=3, aux_head_depth=2, hidden_size=64, num_heads=4, num_classes=10,
+                  attn_backend="torch", num_class_tokens=8, num_cfg_tokens=4,
                   num_interval_tokens=2, num_time_tokens=4,
                   **{k: v for k, v in case.items() if k != "file"})
-    missing, unexpected = model.load_state_dict(official_to_fastmf(g, case["patch_size"]), strict=True)
+    missing, unexpected = model.load_state_dict(official_to_fastmf(g, variant), strict=True)
     assert not missing and not unexpected
     model = model.to(dtype)
     inputs = [g[f"in.{k}"] for k in ("x", "t", "h", "omega", "t_min", "t_max")]
@@ -53,7 +55,7 @@ def test_forward_matches_official(variant, dtype, atol):
     model, inputs, g = load_case(variant, dtype)
     with torch.no_grad():
         u, v = model(*inputs)
-        seq = model.build_sequence(inputs[0], *inputs[2:])
+        seq = (model.net if variant == "pmf" else model).build_sequence(inputs[0], *inputs[2:])
     torch.testing.assert_close(seq, g["dbg.seq_embed"].to(dtype), atol=atol, rtol=0)
     torch.testing.assert_close(u, g["out.u"].to(dtype), atol=atol, rtol=0)
     torch.testing.assert_close(v, g["out.v"].to(dtype), atol=atol, rtol=0)
@@ -67,7 +69,6 @@ def test_forward_matches_official(variant, dtype, atol):
 def test_one_step_sample_matches_official(variant):
     from fastmf.sampling import sample
     model, (x, _t, _h, omega, t_min, t_max, y), g = load_case(variant, torch.float64)
-    apply = lambda p, *a, **kw: torch.func.functional_call(model, p, a, kw)
     params = dict(model.named_parameters())
-    out = sample(apply, params, x, y, steps=g["in.t_steps"].tolist(), omega=omega, t_min=t_min, t_max=t_max)
+    out = sample(functional(model), params, x, y, steps=g["in.t_steps"].tolist(), omega=omega, t_min=t_min, t_max=t_max)
     torch.testing.assert_close(out, g["out.sample_1nfe"].double(), atol=1e-5, rtol=0)

@@ -123,7 +123,7 @@ def test_bad_inputs_give_clear_errors():
     ("imf", (4, 4, 4), "torch", torch.float64), ("pmf", (4, 6, 4), "torch", torch.float64),
     ("imf", (8, 8), "triton", torch.float32), ("pmf", (4, 4, 4), "triton", torch.float32)])
 def test_hand_written_jvp_equals_torch_func_jvp(variant, size, backend, dtype):
-    """MiT's explicit tangent rules (tangents=...) against torch.func.jvp of the same net."""
+    """MiT's explicit tangent rules (tangent=Tangent(...)) against torch.func.jvp of the same net."""
     model = tiny_model(variant, input_size=size, dtype=dtype)
     B = 3
     g = torch.Generator().manual_seed(4)

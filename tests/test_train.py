@@ -24,9 +24,14 @@ sample_script = load_script("sample")
 
 
 def small(out, **kw):
+    """A short CPU run's config: the flags of `python train.py`, given as keyword arguments."""
     base = dict(steps=6, batch_size=16, log_every=2, sample_every=3, ckpt_every=3, eval_samples=20,
                 compile=False, warmup_steps=2, out=str(out))
-    return train.Config(**(base | kw))
+    flags = []
+    for k, v in (base | kw).items():
+        name = "--" + k.replace("_", "-")
+        flags += [name] if v is True else [name.replace("--", "--no-", 1)] if v is False else [name, str(v)]
+    return train.parse(flags)
 
 
 def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
@@ -79,15 +84,23 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--data", "/no/such/folder"], "neither 'digits', 'phantom3d' nor an existing"),
+    (["--device", "foo"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--model", "dit-tiny", "--variant", "imf"], "dit-tiny cannot train 'imf' (it has no v-head"),
+    (["--model", "mit-tiny", "--patch-size", "3"], "patch_size 3 does not divide input_size (8, 8)"),
     (["--model", "mit-q"], "mit-q"),
+    (["--data-proportion", "2"], "--data-proportion must be in [0, 1], got 2.0"),
+    (["--P-std", "-1"], "--P-std must be > 0"),
 ])
 def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     r = run_cli("train.py", "--out", str(tmp_path / "x"), *args)
-    assert r.returncode != 0 and message in r.stderr
-    if "mit-q" not in args:  # tyro formats its own choice errors; ours are single lines
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if "error:" in r.stderr:  # ours are single lines; tyro boxes its own parse and constructor errors
         assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
+    else:
+        assert args[0] in ("--model", "--data-proportion", "--P-std"), r.stderr
 
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):
@@ -107,7 +120,7 @@ def test_resume_refuses_changed_training_options(tmp_path, capsys):
     train.main(small(out, steps=3))
     with pytest.raises(SystemExit):
         train.main(small(out, resume=True, lr=5e-4))
-    assert "--lr (0.001)" in capsys.readouterr().err
+    assert "other optim options (" in capsys.readouterr().err
     train.main(small(out, resume=True, steps=4, log_every=1, compile=False))  # logging may change
 
 
@@ -120,3 +133,24 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_finite_checkpoint(tmp_path
     ckpt = out / "ckpt.safetensors"
     if ckpt.exists():
         assert all(torch.isfinite(t.float()).all() for t in load_file(str(ckpt)).values())
+
+
+def test_dit_mf_trains_resumes_and_samples_from_its_record(tmp_path, capsys):
+    out = tmp_path / "dit"
+    train.main(small(out, model="dit-tiny", variant="mf", steps=3))
+    train.main(small(out, model="dit-tiny", variant="mf", resume=True, steps=4))
+    with pytest.raises(SystemExit):  # a checkpoint of another backbone given to the wrong flags
+        train.main(small(out, model="mit-tiny", variant="mf", resume=True, steps=5))
+    err = capsys.readouterr().err
+    assert "other model options" in err and "dit-tiny" in err
+    npz = tmp_path / "d.npz"
+    sample_script.main(sample_script.Args(ckpt=str(out), out=str(npz), labels="1,2"))  # builds a DiT from the record
+    assert np.load(npz)["samples"].shape == (2, 1, 8, 8)
+
+
+def test_sample_refuses_a_checkpoint_without_a_model_record(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    save_file({"params.w": torch.zeros(2)}, str(tmp_path / "ckpt.safetensors"))
+    r = run_cli("sample.py", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.png"))
+    assert r.returncode != 0 and "no fastmf model record" in r.stderr and "Traceback" not in r.stderr

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, attention_with_tangent
+from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, Prediction, Spec, Tangent
-from fastmf.models.layers import (LabelEmbedder, LayerNorm, PatchEmbed, ScalarEmbedder, gelu_tanh_jvp,
+from fastmf.models.layers import (LabelEmbedder, attention_tail_tangent, LayerNorm, PatchEmbed, ScalarEmbedder, gelu_tanh_jvp,
                                   maybe_compiled, patchify, silu_jvp, sincos_embedding, tail, unpatchify)
 
 
@@ -106,10 +106,7 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.qkv(x))                                            # (B, H, N, Dh)
         with torch.no_grad():
             dq, dk, dv = self._heads(F.linear(dx, self.qkv.weight))                   # (Bt, H, N, Dh)
-        n = B - dx.shape[0]  # plain attention for the first n samples, fused O and dO for the rest
-        o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=self.attn_backend)
-        if n:
-            o = torch.cat([attention(q[:n], k[:n], v[:n], backend=self.attn_backend), o])  # (B, H, N, Dh)
+        o, do = attention_tail_tangent(q, k, v, dq, dk, dv, self.attn_backend)          # (B | Bt, H, N, Dh)
         flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
         out = self.proj(flat(o))
         with torch.no_grad():

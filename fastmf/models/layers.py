@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from kernels import attention, attention_with_tangent
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types (the references upcast norms, RoPE and embeddings), fp64 stays fp64."""
@@ -98,6 +100,17 @@ def tail(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
     (stop-grad) tangent of some of its samples.
     """
     return p[p.shape[0] - dp.shape[0]:].detach()
+
+
+def attention_tail_tangent(q, k, v, dq, dk, dv, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of all B samples (q, k, v (B, H, N, D)) and its tangent for the last Bt (dq, dk, dv
+    (Bt, H, N, D)): each sample's attention is computed once, plain for the first B - Bt, one fused
+    pass giving O (differentiable) and dO (stop-grad) for the rest. Returns o (B, ...), do (Bt, ...)."""
+    n = q.shape[0] - dq.shape[0]
+    o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=backend)
+    if n:
+        o = torch.cat([attention(q[:n], k[:n], v[:n], backend=backend), o])
+    return o, do
 
 
 # Regional compilation: every block of a network runs the same code, so one compiled forward and

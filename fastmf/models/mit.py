@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, attention_with_tangent
+from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, Prediction, Spec, Tangent
-from fastmf.models.layers import (BottleneckPatchEmbed, LabelEmbedder, PatchEmbed, RMSNorm,
+from fastmf.models.layers import (BottleneckPatchEmbed, attention_tail_tangent, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
                                   maybe_compiled, rope_axial, tail, unpatchify)
 
@@ -153,12 +153,7 @@ class RoPEAttention(nn.Module):
         dtype = qkv[2][0].dtype
         (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.to(dtype).transpose(1, 2)) for a, da in qkv]
         flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
-        # Each sample's attention is computed once: plain for the first B - Bt, and for the last
-        # Bt one fused pass gives O (differentiable) and dO.
-        n = B - dx.shape[0]
-        o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=self.attn_backend)  # (Bt, H, N, Dh) x2
-        if n:
-            o = torch.cat([attention(q[:n], k[:n], v[:n], backend=self.attn_backend), o])      # (B, H, N, Dh)
+        o, do = attention_tail_tangent(q, k, v, dq, dk, dv, self.attn_backend)         # (B | Bt, H, N, Dh)
         out = self.out_proj(flat(o))
         with torch.no_grad():
             return out, F.linear(flat(do), self.out_proj.weight)

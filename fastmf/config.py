@@ -1,0 +1,118 @@
+"""The trainer's configuration: one nested dataclass (model, objective, optim, data, run), flat on
+the command line (`--model mit-b --variant pmf --steps 100`), stored whole in every checkpoint.
+
+Defaults are stated once, here or in the dataclass they belong to (ObjectiveConfig's per-variant
+values, the backbone presets); those that depend on another option are None and derived.
+"""
+from dataclasses import dataclass, field
+from typing import Literal
+
+import tyro
+
+from fastmf.models import PRESETS
+from fastmf.objectives import ObjectiveConfig
+
+ModelName = Literal[tuple(PRESETS)]  # the registry's presets are the CLI's choices
+
+
+@dataclass
+class ModelOptions:
+    model: ModelName = "mit-tiny"
+    """Backbone preset (fastmf.models registry): mit-* train MF/iMF/pMF, dit-* (MeanFlow's DiT) train MF."""
+    patch_size: int | None = None
+    """Patch size (default: 2 for images, 4 for volumes)."""
+    attn_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Attention: 'auto' = PyTorch SDPA for passes without a tangent and the exact JVP kernels for the
+    tangent ('triton' flash on CUDA, 'torch' math on CPU; always these two with --reference-loss)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions(ObjectiveConfig):
+    """The objective's config with the fields the trainer sets itself hidden from the CLI."""
+    num_classes: tyro.conf.Suppress[int] = 1000          # taken from the data
+    # The trainer has no perceptual network yet, so flags for its term would do nothing.
+    perceptual_weight: tyro.conf.Suppress[float] = 1.0
+    perceptual_max_t: tyro.conf.Suppress[float] = 1.0
+
+
+@dataclass
+class OptimOptions:
+    lr: float = 1e-3
+    """Peak learning rate (the references use 1e-4 at batch 256 for MiT-B; small models take more)."""
+    warmup_steps: int = 100
+    """Linear warmup, then constant."""
+    adam_b1: float = 0.9
+    """Adam beta1."""
+    adam_b2: float = 0.95
+    """Adam beta2 (as in the iMF / pMF references)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    ema: float = 0.999
+    """EMA decay of the weights used for sampling (the references use 0.9999 over long runs), warmed up
+    as (1 + step) / (10 + step) (run_state.ema_decay)."""
+
+
+@dataclass
+class DataOptions:
+    data: str = "digits"
+    """'digits' (embedded 8x8, 10 classes), 'phantom3d' (random head volumes), or a path: image folder,
+    NIfTI folder, or .npz / .safetensors arrays."""
+    image_size: int | None = None
+    """Resize images / volumes to this size (image folders need it)."""
+    batch_size: int = 64
+    """Global batch size."""
+
+
+@dataclass
+class RunOptions:
+    """How the run is carried out and reported: a resumed run may change any of these."""
+    steps: int = 2000
+    """Train until this many optimizer steps."""
+    out: str = "runs/default"
+    """Output folder: ckpt.safetensors, metrics.jsonl, samples_*.png, eval.json."""
+    resume: bool = False
+    """Continue from OUT/ckpt.safetensors exactly (the training options must be the same)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    compile: bool = True
+    """torch.compile the train step (see --compile-scope); the first step compiles."""
+    compile_scope: Literal["step", "blocks"] = "step"
+    """'step': the loss and its backward as one graph (fastest steps); 'blocks': each transformer block's
+    forward and JVP rule, compiled once for all blocks, the rest eager (faster to compile; see
+    bench/RESULTS.md). --reference-loss always compiles the step."""
+    log_every: int = 50
+    """Steps between lines of OUT/metrics.jsonl (and wandb logs)."""
+    sample_every: int = 1000
+    """Steps between 1-NFE sample grids OUT/samples_STEP.png."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints (written atomically)."""
+    eval_samples: int = 1000
+    """Samples for the final digits quality report (digits only; 0 skips)."""
+    sample_omega: float = 2.0
+    """CFG scale of sample grids and the final evaluation (iMF/pMF; MF has no guidance input: 1)."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise; never blocks on the network)."""
+    wandb_project: str = "fastmf"
+    """Weights & Biases project name."""
+
+
+@dataclass
+class TrainConfig:
+    """Train a MeanFlow-family model (MF, iMF or pMF) on images or volumes."""
+    model: ModelOptions = field(default_factory=ModelOptions)
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    seed: int = 0
+    """Seed of the initial weights, the data order, every draw of the loss, and the digits split."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast on CUDA with 'auto'; fp32 on CPU."""
+    reference_loss: bool = False
+    """Train with the line-by-line reference objective (fastmf.objectives, torch.func.jvp) instead of the
+    fast, equal one."""
+
+
+def parse(args: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from the command line, flags without group prefixes."""
+    return tyro.cli(TrainConfig, args=args, config=(tyro.conf.OmitArgPrefixes,))

@@ -1,0 +1,63 @@
+"""The run state: everything a training run needs to continue exactly, saved and restored as one.
+
+Params, their EMAs, the optimizer and the step. There is no other state: the data order and
+every random draw of a step derive from (seed, step) (data.EpochSampler, `step_generator`).
+"""
+import torch
+
+from fastmf.ckpt import flatten_state, load_optimizer_state, optimizer_state_to_tensors, unflatten_state
+
+
+def warmup_constant_lr(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warmup to `peak` over `warmup_steps`, then constant (the references' schedule)."""
+    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
+
+
+def ema_decay(step: int, ema: float) -> float:
+    """Constant decay `ema`, warmed up as (1 + step) / (10 + step) so that the initial weights do
+    not linger in short runs."""
+    return min(ema, (1 + step) / (10 + step))
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of every random draw of `step`: seeded by (seed, step) only, so a resumed run
+    draws what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+
+
+class RunState:
+    """params (name -> trainable tensor), an EMA of them, the optimizer over params, the step."""
+
+    def __init__(self, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
+        self.params, self.opt, self.step = params, opt, 0
+        self.ema = {k: v.detach().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update_ema(self, decay: float):
+        torch._foreach_lerp_(list(self.ema.values()), list(self.params.values()), 1 - decay)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON meta) for ckpt.save_checkpoint."""
+        opt_tensors, opt_meta = optimizer_state_to_tensors(self.opt, names=list(self.params))
+        tensors = flatten_state({"params": self.params, "ema": self.ema, "opt": opt_tensors})
+        return {k: v.detach().cpu() for k, v in tensors.items()}, {"step": self.step, "opt": opt_meta}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
+        """Restore from what state_dict gave; a checkpoint of another model is a one-line ValueError."""
+        groups = unflatten_state(tensors)
+        for group in ("params", "ema"):
+            saved = groups.get(group, {})
+            missing, unexpected = sorted(set(self.params) - set(saved)), sorted(set(saved) - set(self.params))
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {group} do not fit this model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            bad = [k for k, v in saved.items() if v.shape != self.params[k].shape]
+            if bad:
+                raise ValueError(f"checkpoint {group} have other shapes than this model: {bad[0]} is "
+                                 f"{tuple(saved[bad[0]].shape)}, the model's {tuple(self.params[bad[0]].shape)}")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(groups["params"][k])
+                self.ema[k].copy_(groups["ema"][k])
+        load_optimizer_state(self.opt, groups.get("opt", {}), meta["opt"], names=list(self.params))
+        self.step = int(meta["step"])
