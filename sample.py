@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 import tyro
 
-from fastmf.ckpt import load_checkpoint, unflatten_state
+from fastmf.cli import fail, resolve_device
+from fastmf.ckpt import load_checkpoint, newest_good_checkpoint, unflatten_state
 from fastmf.images import save_grid, save_nifti, save_npz
 from fastmf.models import Backbone, from_record, functional
 from fastmf.sampling import sample
@@ -23,7 +24,7 @@ from fastmf.sampling import sample
 class Args:
     """Generate samples with the u-head of a trained model (the checkpoint says which backbone)."""
     ckpt: str
-    """Run folder (holding ckpt.safetensors) or the .safetensors file itself."""
+    """Run folder (its newest good ckpt_STEP.safetensors is used) or one .safetensors checkpoint file."""
     out: str = "samples.png"
     """.png grid, .npz (arrays samples, labels) or .nii.gz / .nii volumes (one file per sample)."""
     nfe: int = 1
@@ -49,18 +50,15 @@ class Args:
     """Digits only: print the classifier-agreement / Frechet report of the samples."""
 
 
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     p = Path(path)
-    file = p / "ckpt.safetensors" if p.is_dir() else p
-    if not file.exists():
-        fail(f"no checkpoint at {file}")
     try:
-        tensors, meta = load_checkpoint(file)
+        if p.is_dir():
+            file, tensors, meta, skipped = newest_good_checkpoint(p)
+            for why in skipped:
+                print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
+        else:
+            file, (tensors, meta) = p, load_checkpoint(p)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if "model" not in meta:
@@ -81,7 +79,7 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
 
 
 def main(args: Args):
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.nfe < 1 or args.n < 1:
         fail(f"--nfe and --n must be >= 1, got {args.nfe}, {args.n}")
     if not ((args.omega is None or args.omega >= 1) and 0 <= args.t_min <= args.t_max <= 1):
@@ -96,7 +94,11 @@ def main(args: Args):
         omega = 1.0
     else:
         omega = 2.0 if args.omega is None else args.omega
-    num_classes = model.spec.num_classes
+    num_classes, spec = model.spec.num_classes, model.spec
+    if args.eval and (spec.in_channels, spec.input_size, num_classes) != (1, (8, 8), 10):
+        fail("--eval judges digits: this model does not make 1x8x8 images of 10 classes")
+    if out.name.endswith((".nii.gz", ".nii")) and len(spec.input_size) != 3:
+        fail("NIfTI output needs a 3D (volume) model")
     if args.labels:
         try:
             labels = torch.tensor([int(s) for s in args.labels.split(",")])
@@ -107,7 +109,6 @@ def main(args: Args):
     else:
         labels = torch.arange(num_classes).repeat_interleave(args.n)
     labels = labels.to(device)
-    spec = model.spec
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=g).to(device)
     x = sample(functional(model), params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
@@ -117,10 +118,8 @@ def main(args: Args):
     elif out.name.endswith(".npz"):
         save_npz(x, labels, out)
     else:
-        if len(spec.input_size) != 3:
-            fail("NIfTI output needs a 3D (volume) model")
         files = save_nifti(x, out)
-        print(f"wrote {len(files)} volumes: {files[0]} ...")
+        out = files[0] if len(files) == 1 else f"{files[0]} ... {files[-1].name}"
     print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {omega}) to {out}")
     if args.eval:
         from fastmf.eval import digits_report

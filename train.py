@@ -3,12 +3,13 @@
     python train.py                                   # mit-tiny iMF on the embedded digits, CPU, minutes
     python train.py --model dit-tiny --variant mf     # MeanFlow's DiT with the original objective
     python train.py --data phantom3d --steps 500      # the 3D path on random head phantoms
-    python train.py --model mit-b --variant pmf --data /path/to/images --image-size 256 --patch-size 16
+    torchrun --standalone --nproc_per_node=8 train.py --model mit-b --data latents/ --batch-size 256
 """
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -17,26 +18,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastmf.ckpt import load_checkpoint, save_checkpoint
+from fastmf import distributed
+from fastmf.cli import fail, resolve_device
+from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
 from fastmf.config import TrainConfig, parse
 from fastmf.data import EpochSampler, load_dataset
+from fastmf.global_batch import draw_rows
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, functional
-from fastmf.objectives import LOSSES_FROM_DRAWS, draw
-from fastmf.run_state import RunState, ema_decay, step_generator, warmup_constant_lr
+from fastmf.objectives import LOSSES_FROM_DRAWS
+from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sampling import sample
 from fastmf.train_step import fast_loss_from_draws
-
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def check_config(cfg: TrainConfig):
     run, optim = cfg.run, cfg.optim
     positive = dict(steps=run.steps, batch_size=cfg.data.batch_size, lr=optim.lr, log_every=run.log_every,
-                    sample_every=run.sample_every, ckpt_every=run.ckpt_every)
+                    sample_every=run.sample_every, ckpt_every=run.ckpt_every, keep_checkpoints=run.keep_checkpoints,
+                    max_bad_steps=run.max_bad_steps)
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
@@ -76,24 +76,46 @@ def generate(model: Backbone, params: dict, labels: torch.Tensor, seed: int, ome
     return sample(functional(model), params, z, labels, steps=nfe, omega=omega)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resume(cfg: TrainConfig, state: RunState, out: Path, dist: distributed.Dist):
+    """Load the newest good checkpoint of `out` into state (every rank reads the same file)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: this torch build or machine has no CUDA; use --device cpu")
-    return device
+        path, tensors, meta, skipped = newest_good_checkpoint(out)
+        for why in skipped if dist.is_main else []:
+            print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
+        saved, now = meta.get("config", {}), training_options(cfg)
+        changed = [k for k in now if saved.get(k) != now[k]]
+        if changed:
+            fail(f"{path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} there, "
+                 f"{now[changed[0]]} now); resume with the same ones")
+        state.load_state_dict(tensors, meta["state"])
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        fail(f"cannot resume from {out}: {e}")
+    if dist.is_main:
+        world = meta.get("world_size", 1)
+        print(f"resumed {path.name} at step {state.step}" + (f" (written by {world} processes, now {dist.world})"
+                                                              if world != dist.world else ""))
+
+
+class StopSignal:
+    """SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to save and stop."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now, without the save
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
 
 
 class Logger:
-    """metrics.jsonl (a fresh run starts a fresh file), the progress bar and wandb."""
+    """Rank 0's metrics.jsonl (a fresh run starts a fresh file), progress bar and wandb."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, step: int):
+    def __init__(self, cfg: TrainConfig, out: Path, step: int, resumed: bool):
         self.path, self.run = out / "metrics.jsonl", None
-        if not cfg.run.resume:
+        if not resumed:
             self.path.unlink(missing_ok=True)
         if cfg.run.wandb:
             import wandb
@@ -113,6 +135,7 @@ class Logger:
             self.run.log(record, step=step)
 
     def finish(self):
+        self.bar.close()
         if self.run is not None:
             self.run.finish()
 
@@ -123,14 +146,20 @@ class Logger:
 
 def main(cfg: TrainConfig):
     check_config(cfg)
-    device = resolve_device(cfg.run.device)
+    dist = distributed.init(cfg.run.device, resolve_device)
+    device, main_rank = dist.device, dist.is_main
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     out = Path(cfg.run.out)
-    ckpt_path = out / "ckpt.safetensors"
-    if cfg.run.resume != ckpt_path.exists():
-        fail(f"--resume given but {ckpt_path} does not exist" if cfg.run.resume else
-             f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and bool(list_checkpoints(out))
+    resumed = cfg.run.resume or restarted
+    if resumed != bool(list_checkpoints(out)):
+        fail(f"--resume given but {out} holds no checkpoint" if resumed else
+             f"{out} holds checkpoints; pass --resume to continue them or choose another --out")
+    if dist.world > 1 and cfg.reference_loss:
+        fail("--reference-loss uses torch.func.jvp, which is broken through DDP (pytorch 102197): "
+             "under torchrun train with the fast step (the default)")
     try:
+        rows = dist.rows(cfg.data.batch_size)
         data = load_dataset(cfg.data.data, size=cfg.data.image_size, seed=cfg.seed)
         sampler = EpochSampler(len(data.x), cfg.data.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -138,9 +167,8 @@ def main(cfg: TrainConfig):
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
-    if int(cfg.data.batch_size * ocfg.data_proportion) == 0 < ocfg.data_proportion:
-        # The first int(B * data_proportion) samples of a batch get r = t (as in the references):
-        # with none, the u-head never trains at r = t.
+    if int(cfg.data.batch_size * ocfg.data_proportion) == 0 < ocfg.data_proportion and main_rank:
+        # int(B * data_proportion) samples of a batch get r = t: with none, the u-head never trains at r = t.
         print(f"warning: --batch-size {cfg.data.batch_size} with data proportion {ocfg.data_proportion} gives no "
               "flow-matching (r = t) sample per batch; use a batch of at least "
               f"{math.ceil(1 / ocfg.data_proportion)}", file=sys.stderr)
@@ -149,24 +177,17 @@ def main(cfg: TrainConfig):
     opt = torch.optim.Adam(params.values(), lr=cfg.optim.lr, betas=(cfg.optim.adam_b1, cfg.optim.adam_b2),
                            fused=device.type == "cuda")
     state = RunState(params, opt)
-    if cfg.run.resume:
-        try:
-            tensors, meta = load_checkpoint(ckpt_path)
-            saved, now = meta.get("config", {}), training_options(cfg)
-            changed = [k for k in now if saved.get(k) != now[k]]
-            if changed:
-                fail(f"{ckpt_path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} "
-                     f"there, {now[changed[0]]} now); resume with the same ones")
-            state.load_state_dict(tensors, meta["state"])
-        except (ValueError, KeyError) as e:
-            fail(f"cannot resume from {ckpt_path}: {e}")
-        if state.step >= cfg.run.steps:
-            print(f"{ckpt_path} is already at step {state.step} (--steps {cfg.run.steps}): nothing to train")
+    if resumed:
+        resume(cfg, state, out, dist)
+        if state.step >= cfg.run.steps and main_rank:
+            print(f"{out} is already at step {state.step} (--steps {cfg.run.steps}): nothing to train")
 
-    apply = functional(model)
     if cfg.reference_loss and cfg.model.attn_backend == "auto":
         # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
+    net = distributed.wrap_ddp(model, dist)
+    # Under DDP the step calls the wrapper itself (its params are these very tensors), so its hooks run.
+    apply = functional(model) if net is model else (lambda p, *a, **kw: net(*a, **kw))
     loss_from_draws = LOSSES_FROM_DRAWS[ocfg.variant] if cfg.reference_loss else fast_loss_from_draws
     step_loss = lambda x, y, d: loss_from_draws(apply, params, x, y, d, ocfg)
     scope = "step" if cfg.reference_loss else cfg.run.compile_scope
@@ -174,51 +195,75 @@ def main(cfg: TrainConfig):
         model.compile_blocks()
     elif cfg.run.compile:  # the draws stay eager: dynamo cannot trace sampling from an explicit generator
         step_loss = torch.compile(step_loss)
-    n_params = sum(p.numel() for p in params.values())
-    print(f"fastmf: {cfg.model.model} ({n_params / 1e6:.2f}M params, {model.spec.num_tokens} tokens) {ocfg.variant} "
-          f"on {cfg.data.data} {tuple(data.x.shape)}, {device}{', bf16' if use_bf16 else ''}; out {out}")
-    if cfg.run.compile and state.step < cfg.run.steps:
-        print(f"compiling the train step ({scope} scope) on its first call (--no-compile skips it)")
-    out.mkdir(parents=True, exist_ok=True)
-    logger = Logger(cfg, out, state.step)
+    if main_rank:
+        n_params = sum(p.numel() for p in params.values())
+        print(f"fastmf: {cfg.model.model} ({n_params / 1e6:.2f}M params, {model.spec.num_tokens} tokens) "
+              f"{ocfg.variant} on {cfg.data.data} {tuple(data.x.shape)}, {dist.world} x {device}"
+              f"{', bf16' if use_bf16 else ''}; out {out}")
+        if cfg.run.compile and state.step < cfg.run.steps:
+            print(f"compiling the train step ({scope} scope) on its first call (--no-compile skips it)")
+        out.mkdir(parents=True, exist_ok=True)
+        prune_checkpoints(out, cfg.run.keep_checkpoints)  # also removes temp files of killed saves
+    logger = Logger(cfg, out, state.step, resumed) if main_rank else None
     eval_omega = 1.0 if ocfg.variant == "mf" else cfg.run.sample_omega
+    stop, bad_in_row, skipped = StopSignal(), 0, 0
 
     def save():
         tensors, state_meta = state.state_dict()
-        save_checkpoint(ckpt_path, tensors, {"state": state_meta, "config": asdict(cfg), "model": model.record})
+        if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("params.", "ema."))):
+            fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
+        meta = {"state": state_meta, "config": asdict(cfg), "model": model.record, "world_size": dist.world}
+        save_checkpoint(checkpoint_path(out, state.step), tensors, meta)
+        prune_checkpoints(out, cfg.run.keep_checkpoints)
 
     while state.step < cfg.run.steps:
-        idx = sampler.indices(state.step)
-        x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
+        idx = sampler.indices(state.step)                                           # (B,) global batch
+        order, d = draw_rows(data.x.shape[1:], rows, cfg.data.batch_size, cfg.seed, state.step, ocfg, device)
+        x, y = data.x[idx[order]].to(device, non_blocking=True), data.y[idx[order]].to(device, non_blocking=True)
         lr = warmup_constant_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, metrics = step_loss(x, y, draw(x, step_generator(cfg.seed, state.step, device), ocfg))
+            loss, metrics = step_loss(x, y, d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.optim.grad_clip or float("inf"))
-        opt.step()
-        state.update_ema(ema_decay(state.step, cfg.optim.ema))
+        # The all-reduced gradients are the same on every rank, so every rank decides alike.
+        if math.isfinite(grad_norm.item()):
+            opt.step()
+            state.update_ema(ema_decay(state.step, cfg.optim.ema))
+            bad_in_row = 0
+        else:  # skipped: no weight, optimizer or EMA change
+            bad_in_row, skipped = bad_in_row + 1, skipped + 1
+            if bad_in_row >= cfg.run.max_bad_steps:
+                fail(f"{bad_in_row} steps in a row with a non-finite loss or gradient (up to step {state.step + 1}); "
+                     "the learning rate is likely too high (lower --lr or set --grad-clip), or the data holds "
+                     "extreme values. The checkpoints in --out are kept.")
         state.step += 1
         step, last = state.step, state.step == cfg.run.steps
-        logger.bar.update(1)
         log_now, ckpt_now = step % cfg.run.log_every == 0 or last, step % cfg.run.ckpt_every == 0 or last
-        # Checked where we read values anyway (a device sync): at log steps and before every save,
-        # so a checkpoint never holds weights that a non-finite step has touched.
-        if (log_now or ckpt_now) and not math.isfinite(loss.item()):
-            kept = f"the last checkpoint ({ckpt_path}) is kept" if ckpt_path.exists() else "no checkpoint was written"
-            fail(f"non-finite loss {loss.item()} at step {step}; {kept}. Lower --lr or set --grad-clip.")
+        signalled = dist.any(stop.received is not None)
         if log_now:
-            logger.log(step, {k: v.item() for k, v in metrics.items()} | {"lr": lr, "grad_norm": grad_norm.item()})
-        if step % cfg.run.sample_every == 0 or last:
-            labels = class_grid_labels(data.num_classes, 10, device)
-            save_grid(generate(model, state.ema, labels, cfg.seed, eval_omega), out / f"samples_{step:07d}.png", nrow=10)
-        if ckpt_now:
-            save()
-    logger.bar.close()
+            metrics = dist.mean(metrics)
+            if main_rank:
+                logger.log(step, {k: v.item() for k, v in metrics.items()} | {
+                    "lr": lr, "grad_norm": grad_norm.item(), "skipped_steps": skipped})
+        if main_rank:
+            logger.bar.update(1)
+            if step % cfg.run.sample_every == 0 or last:
+                labels = class_grid_labels(data.num_classes, 10, device)
+                save_grid(generate(model, state.ema, labels, cfg.seed, eval_omega), out / f"samples_{step:07d}.png",
+                          nrow=10)
+            if ckpt_now or signalled:
+                save()
+        if signalled:
+            if main_rank:
+                print(f"stopped by {stop.received or 'a signal to another rank'} at step {step}: checkpoint saved; "
+                      "continue with --resume", file=sys.stderr)
+            break
+    dist.barrier()
 
-    if cfg.data.data == "digits" and cfg.run.eval_samples:
+    if main_rank and cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
         from fastmf.eval import digits_report
         labels = torch.arange(cfg.run.eval_samples, device=device) % 10
         report = digits_report(generate(model, state.ema, labels, cfg.seed + 7, eval_omega).cpu(), labels.cpu())
@@ -228,7 +273,9 @@ def main(cfg: TrainConfig):
               f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
         if logger.run is not None:
             logger.run.log({f"eval/{k}": v for k, v in report.items()}, step=state.step)
-    logger.finish()
+    if main_rank:
+        logger.finish()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""Atomic safetensors checkpoints (never pickle) and the state needed to resume exactly.
+"""Atomic, verified safetensors checkpoints (never pickle), and a run folder that keeps the last few.
 
 One checkpoint is one .safetensors file: tensors under grouped names ("params.<name>",
-"ema.<name>", "opt.<param>.<key>", "rng.<name>") and a JSON `meta` dict in the file's metadata,
-so one os.replace publishes tensors and meta together.
+"ema.<name>", "opt.<param>.<key>") and a JSON `meta` dict in the file's metadata, so one
+os.replace publishes tensors and meta together. A CRC32 of every tensor's bytes is stored beside
+them and checked at load: a file with flipped bytes is refused, not loaded as garbage weights.
 
-    tensors = flatten_state({"params": params, "ema": ema, "opt": opt_t, "rng": rng_t})
+    tensors = flatten_state({"params": params, "ema": ema, "opt": opt_t})
     save_checkpoint(path, tensors, {"step": step, "opt": opt_meta, "config": ...})
     groups = unflatten_state(load_checkpoint(path)[0])
+    path, tensors, meta, skipped = newest_good_checkpoint(run_folder)
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 _META_KEY = "fastmf_meta"
+_CRC_KEY = "fastmf_crc32"
+CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.safetensors")
+
+
+def crc32(t: torch.Tensor) -> int:
+    """CRC32 of a tensor's bytes (any dtype)."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
@@ -49,7 +60,8 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(out, str(tmp), metadata={_META_KEY: meta_json})
+        crcs = json.dumps({name: crc32(t) for name, t in out.items()})
+        save_file(out, str(tmp), metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
         # safetensors creates the file owner-only (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -68,18 +80,56 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint -> (tensors on CPU, meta). Files without fastmf meta give meta {}."""
+    """Read a checkpoint -> (tensors on CPU, meta), every tensor checked against its stored CRC32.
+    Files without fastmf meta give meta {} (and are not checked: they carry no checksums)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta_json = (f.metadata() or {}).get(_META_KEY, "{}")
-        meta = json.loads(meta_json)
+            header = f.metadata() or {}
+        meta, crcs = json.loads(header.get(_META_KEY, "{}")), json.loads(header.get(_CRC_KEY, "{}"))
     except Exception as e:  # safetensors and json raise their own types for damaged files
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from e
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+    bad = [k for k, c in crcs.items() if k not in tensors or crc32(tensors[k]) != c]
+    if bad:
+        raise ValueError(f"checkpoint {path} is corrupt: {len(bad)} tensor(s) fail their checksum ({bad[0]}, ...)")
     return tensors, meta
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"ckpt_{step:07d}.safetensors"
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """The run folder's checkpoints, newest (highest step) first."""
+    folder = Path(folder)
+    found = [p for p in folder.glob("ckpt_*.safetensors") if CKPT_PATTERN.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(CKPT_PATTERN.fullmatch(p.name).group(1)), reverse=True)
+
+
+def newest_good_checkpoint(folder: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict, list[str]]:
+    """The newest checkpoint of a run folder that loads and verifies: (path, tensors, meta, why
+    each newer one was skipped). FileNotFoundError if there is none, ValueError if none is good."""
+    paths = list_checkpoints(folder)
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint (ckpt_STEP.safetensors) in {folder}")
+    skipped = []
+    for p in paths:
+        try:
+            return (p, *load_checkpoint(p), skipped)
+        except ValueError as e:
+            skipped.append(str(e))
+    raise ValueError(f"none of the {len(paths)} checkpoints in {folder} is readable: {skipped[0]}")
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and temp files that killed saves left behind."""
+    for p in list_checkpoints(folder)[keep:]:
+        p.unlink(missing_ok=True)
+    for tmp in Path(folder).glob(".ckpt_*.safetensors.tmp*"):
+        tmp.unlink(missing_ok=True)
 
 
 def flatten_state(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -161,19 +211,3 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch
         groups.append({k: tuple(v) if isinstance(now.get(k), tuple) else v
                        for k, v in saved.items()})
     opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_state_to_tensors(generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
-    """{name: generator} -> {name: uint8 state tensor}. fastmf draws all randomness from such
-    explicit generators, so they are the whole RNG state of a run."""
-    return {name: g.get_state() for name, g in generators.items()}
-
-
-def load_rng_state(generators: Mapping[str, torch.Generator],
-                   tensors: Mapping[str, torch.Tensor]) -> None:
-    """Set each generator to its saved state; every generator must have one."""
-    missing = sorted(set(generators) - set(tensors))
-    if missing:
-        raise ValueError(f"checkpoint has no RNG state for generators {missing}")
-    for name, g in generators.items():
-        g.set_state(tensors[name])

@@ -71,7 +71,8 @@ class RunOptions:
     out: str = "runs/default"
     """Output folder: ckpt.safetensors, metrics.jsonl, samples_*.png, eval.json."""
     resume: bool = False
-    """Continue from OUT/ckpt.safetensors exactly (the training options must be the same)."""
+    """Continue exactly from the newest good checkpoint in OUT (the training options must be the same;
+    any world size). Under torchrun a restarted job (--max-restarts) resumes by itself."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
     compile: bool = True
@@ -85,7 +86,12 @@ class RunOptions:
     sample_every: int = 1000
     """Steps between 1-NFE sample grids OUT/samples_STEP.png."""
     ckpt_every: int = 1000
-    """Steps between checkpoints (written atomically)."""
+    """Steps between checkpoints OUT/ckpt_STEP.safetensors (atomic, checksummed; also on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep (a corrupt newest one falls back to the one before)."""
+    max_bad_steps: int = 10
+    """Steps with a non-finite loss or gradient are skipped (no weight, optimizer or EMA change); stop
+    after this many in a row."""
     eval_samples: int = 1000
     """Samples for the final digits quality report (digits only; 0 skips)."""
     sample_omega: float = 2.0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ARRAY_SUFFIXES = (".npz", ".safetensors")
+MAX_CLASSES = 100_000  # a larger label is a mistake, not a class count (the label table grows with it)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -261,9 +262,14 @@ def _read_arrays(file: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
                          f"of shape (N, C, H, W) or (N, C, D, H, W)")
     if len(x) == 0:
         raise ValueError(f"'x' in {file} has no samples")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"'x' in {file} holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
     if y is not None and (y.shape != (len(x),) or y.dtype not in _INT_DTYPES or y.min() < 0):
         raise ValueError(f"'y' in {file} is {y.dtype} of shape {tuple(y.shape)}, expected "
                          f"{len(x)} non-negative integer labels")
+    if y is not None and y.max() >= MAX_CLASSES:
+        raise ValueError(f"'y' in {file} has label {int(y.max())}: labels must lie in [0, {MAX_CLASSES}) "
+                         "(the class count is the largest label + 1)")
     return x.float(), None if y is None else y.long()
 
 
@@ -337,7 +343,7 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
     if _files(p, NIFTI_SUFFIXES):
         return Dataset(*load_nifti_folder(p, size), 1)
     if size is None:
-        raise ValueError(f"image folder {p} needs an image size (size=...)")
+        raise ValueError(f"image folder {p} needs an image size: pass --image-size")
     x, y, classes = load_image_folder(p, size, 3 if channels is None else channels)
     return Dataset(x, y, len(classes))
 

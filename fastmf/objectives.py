@@ -104,6 +104,7 @@ class Draws:
     t_min: torch.Tensor
     t_max: torch.Tensor
     drop_mask: torch.Tensor    # bool: class label replaced by the null class
+    n_fm: int                  # the flow-matching samples are the first n_fm (the fast step relies on it)
 
 
 def _rand(shape, gen: torch.Generator, like: torch.Tensor, normal: bool) -> torch.Tensor:
@@ -111,11 +112,16 @@ def _rand(shape, gen: torch.Generator, like: torch.Tensor, normal: bool) -> torc
     return fn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def sample_tr(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
-    """Logit-normal t and r with t >= r; the first int(B * data_proportion) samples get r = t."""
+def sample_t_r(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
+    """Logit-normal t and r (B,) with t >= r (the max and min of two draws)."""
     t = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
     r = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
-    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    return torch.maximum(t, r), torch.minimum(t, r)
+
+
+def sample_tr(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
+    """`sample_t_r`, then the first int(B * data_proportion) samples get r = t (flow matching)."""
+    t, r = sample_t_r(B, gen, like, cfg)
     fm_mask = torch.arange(B, device=like.device) < int(B * cfg.data_proportion)
     return t, torch.where(fm_mask, t, r), fm_mask
 
@@ -129,21 +135,29 @@ def sample_omega(u: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
     return torch.exp(torch.log1p(u * math.expm1((1 - b) * log_top)) / (1 - b))
 
 
+def draw_conditions(fm_mask: torch.Tensor, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
+    """omega, t_min, t_max (B,) and the count of null-class samples num_drop ~ Binomial(B, p)."""
+    B = fm_mask.shape[0]
+    if cfg.variant == "mf":  # MF has no guidance inputs: neutral conditions
+        t_min, t_max = torch.zeros(B, dtype=like.dtype, device=like.device), torch.ones(B, dtype=like.dtype, device=like.device)
+        omega = torch.ones_like(t_min)
+    else:
+        t_min = torch.where(fm_mask, 0.0, 0.5 * _rand((B,), gen, like, False))
+        t_max = torch.where(fm_mask, 1.0, 0.5 + 0.5 * _rand((B,), gen, like, False))
+        omega = sample_omega(_rand((B,), gen, like, False), cfg)
+    num_drop = (_rand((B,), gen, like, False) < cfg.class_dropout_prob).sum()
+    return omega, t_min, t_max, num_drop
+
+
 def draw(x: torch.Tensor, gen: torch.Generator, cfg: ObjectiveConfig) -> Draws:
-    """Draw everything random for one step, in a fixed order."""
+    """Draw everything random for one step, in a fixed order (the reference layout: the first
+    int(B * data_proportion) samples are flow matching, the first num_drop get the null class)."""
     B = x.shape[0]
     t, r, fm_mask = sample_tr(B, gen, x, cfg)
     e = _rand(x.shape, gen, x, True) * cfg.noise_scale
-    if cfg.variant == "mf":  # MF has no guidance inputs: neutral conditions
-        omega, t_min, t_max = torch.ones_like(t), torch.zeros_like(t), torch.ones_like(t)
-    else:
-        t_min = torch.where(fm_mask, 0.0, 0.5 * _rand((B,), gen, x, False))
-        t_max = torch.where(fm_mask, 1.0, 0.5 + 0.5 * _rand((B,), gen, x, False))
-        omega = sample_omega(_rand((B,), gen, x, False), cfg)
-    # The first num_drop samples get the null class, num_drop ~ Binomial(B, p).
-    num_drop = (_rand((B,), gen, x, False) < cfg.class_dropout_prob).sum()
+    omega, t_min, t_max, num_drop = draw_conditions(fm_mask, gen, x, cfg)
     drop_mask = torch.arange(B, device=x.device) < num_drop
-    return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop_mask)
+    return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop_mask, int(B * cfg.data_proportion))
 
 
 ####################################################################################################

@@ -6,8 +6,8 @@ What differs from the reference computation (each exact, see tests/test_train_st
   Here one with-grad pass gives u (and v) for the batch and, by the backbone's hand-written JVP
   rules (`tangent=Tangent(...)` in the backbone contract: no dual tensors, tangent ops outside
   autograd), du/dt for the samples that need it, reusing that pass's primal activations.
-- No work whose result is known. The first n_fm = int(B * data_proportion) samples are
-  flow-matching samples (r = t): their target needs no tangent, their CFG interval is [0, 1],
+- No work whose result is known. The first n_fm samples (`Draws.n_fm`) are flow-matching
+  samples (r = t): their target needs no tangent, their CFG interval is [0, 1],
   and a guidance pass at h = 0 with their own label has exactly the with-grad pass's inputs, so
   its result is that pass's output, detached. iMF: the reference's three v-head passes of B
   samples each (3B) shrink to one no-grad call of B + (B - n_fm) (the unconditional v for all,
@@ -66,8 +66,7 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
                              cfg: ObjectiveConfig, perceptual: Callable | None = None,
                              loss_backend: str = "auto"):
     """iMF / pMF loss, equal to objectives.imf_loss_from_draws (draws from objectives.draw)."""
-    B = x.shape[0]
-    n_fm = int(B * cfg.data_proportion)
+    n_fm = d.n_fm
     t, r = d.t, d.r
     tb, z_t, v_t = interpolate(x, d, cfg)
     y_in = null_dropped(y, d, cfg.num_classes)
@@ -109,8 +108,7 @@ def fast_mf_guidance(apply: Callable, params: dict, z_t, t, y, n_fm: int, cfg: O
 def fast_mf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch.Tensor, d: Draws,
                             cfg: ObjectiveConfig, loss_backend: str = "auto"):
     """Original MeanFlow loss, equal to objectives.mf_loss_from_draws."""
-    B = x.shape[0]
-    n_fm = int(B * cfg.data_proportion)
+    B, n_fm = x.shape[0], d.n_fm
     t, r = d.t, d.r
     _, z_t, v_t = interpolate(x, d, cfg)
     y_in = null_dropped(y, d, cfg.num_classes)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastmf.ckpt as ckpt
-from fastmf.ckpt import (flatten_state, load_checkpoint, load_optimizer_state, load_rng_state,
-                         optimizer_state_to_tensors, rng_state_to_tensors, save_checkpoint,
+from fastmf.ckpt import (checkpoint_path, flatten_state, load_checkpoint, load_optimizer_state,
+                         newest_good_checkpoint, optimizer_state_to_tensors, prune_checkpoints, save_checkpoint,
                          unflatten_state)
 
 
@@ -18,7 +18,6 @@ def test_roundtrip_is_exact(tmp_path):
                    "q": qkv[:2], "k": qkv[2:4]},  # views of one storage, as after a qkv split
         "misc": {"step": torch.tensor(7), "flag": torch.tensor([True, False]),
                  "t": torch.randn(4, 3, generator=g).t()},  # non-contiguous
-        "rng": rng_state_to_tensors({"noise": g}),
     })
     meta = {"step": 7, "config": {"lr": 1e-3, "betas": [0.9, 0.99], "name": "mit-tiny"}}
     path = tmp_path / "sub" / "ckpt.safetensors"
@@ -28,10 +27,7 @@ def test_roundtrip_is_exact(tmp_path):
     for k, t in tensors.items():
         assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), k
     groups = unflatten_state(loaded)
-    assert sorted(groups) == ["misc", "params", "rng"] and "blocks.0.w" in groups["params"]
-    restored = torch.Generator()
-    load_rng_state({"noise": restored}, groups["rng"])
-    assert torch.equal(torch.rand(3, generator=restored), torch.rand(3, generator=g))
+    assert sorted(groups) == ["misc", "params"] and "blocks.0.w" in groups["params"]
 
 
 def _adam(params, lr):
@@ -54,9 +50,8 @@ def test_adam_resume_is_bit_exact(tmp_path):
     opt_t, opt_meta = optimizer_state_to_tensors(opt, names=list(params))
     assert "blocks.0.w.exp_avg_sq" in opt_t and "head.b.step" in opt_t
     save_checkpoint(tmp_path / "c.safetensors",
-                    flatten_state({"params": params, "opt": opt_t,
-                                   "rng": rng_state_to_tensors({"data": gen})}),
-                    {"opt": opt_meta})
+                    flatten_state({"params": params, "opt": opt_t}), {"opt": opt_meta})
+    gen_state = gen.get_state()
     _step(params, opt, gen)  # the unsaved run continues
 
     tensors, meta = load_checkpoint(tmp_path / "c.safetensors")
@@ -66,7 +61,7 @@ def test_adam_resume_is_bit_exact(tmp_path):
     opt2 = _adam(params2, lr=0.5)  # a wrong lr: the checkpoint must restore the real one
     load_optimizer_state(opt2, groups["opt"], meta["opt"], names=list(params2))
     gen2 = torch.Generator()
-    load_rng_state({"data": gen2}, groups["rng"])
+    gen2.set_state(gen_state)
     _step(params2, opt2, gen2)
     assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["betas"] == (0.9, 0.95)
     for k in params:
@@ -74,8 +69,6 @@ def test_adam_resume_is_bit_exact(tmp_path):
 
     with pytest.raises(ValueError, match="#0 is 'w' now, 'blocks.0.w' saved"):
         load_optimizer_state(_adam(params2, 0.1), groups["opt"], meta["opt"], names=["w", "b"])
-    with pytest.raises(ValueError, match=r"no RNG state for generators \['noise'\]"):
-        load_rng_state({"noise": gen2}, groups["rng"])
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -111,3 +104,26 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(ValueError, match="must end in .safetensors"):
         save_checkpoint(tmp_path / "c.pt", {}, {})
+
+
+def flip_bytes(path, where: int, n: int = 4):
+    data = bytearray(path.read_bytes())
+    data[where:where + n] = bytes(255 - b for b in data[where:where + n])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_refused_and_the_newest_good_checkpoint_is_found(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(checkpoint_path(tmp_path, step), {"w": torch.full((256,), float(step))}, {"step": step})
+    flip_bytes(checkpoint_path(tmp_path, 3), -64)  # inside the tensor data: still a valid file
+    with pytest.raises(ValueError, match="is corrupt: 1 tensor\\(s\\) fail their checksum \\(w"):
+        load_checkpoint(checkpoint_path(tmp_path, 3))
+    path, tensors, meta, skipped = newest_good_checkpoint(tmp_path)
+    assert path == checkpoint_path(tmp_path, 2) and meta == {"step": 2} and (tensors["w"] == 2).all()
+    assert len(skipped) == 1 and "ckpt_0000003" in skipped[0]
+    (tmp_path / ".ckpt_0000004.safetensors.tmp99").write_bytes(b"half a save")  # a killed save's leftover
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000002.safetensors", "ckpt_0000003.safetensors"]
+    flip_bytes(checkpoint_path(tmp_path, 2), -64)
+    with pytest.raises(ValueError, match="none of the 2 checkpoints"):
+        newest_good_checkpoint(tmp_path)

@@ -148,6 +148,14 @@ def test_arrays_npz_safetensors_shards_and_errors(tmp_path):
     np.savez(tmp_path / "c.npz", x=x, y=np.arange(4))
     with pytest.raises(ValueError, match="expected 5 non-negative integer labels"):
         load_arrays(tmp_path / "c.npz")
+    bad = x.copy()
+    bad[1, 2, 0, 1] = np.nan
+    np.savez(tmp_path / "c.npz", x=bad)  # caught at load, not as a NaN loss blamed on the lr
+    with pytest.raises(ValueError, match="c.npz holds 1 NaN or infinite values"):
+        load_arrays(tmp_path / "c.npz")
+    np.savez(tmp_path / "c.npz", x=x, y=np.array([0, 1, 2, 3, 10 ** 9]))  # would size a 1e9-row label table
+    with pytest.raises(ValueError, match="has label 1000000000: labels must lie in"):
+        load_arrays(tmp_path / "c.npz")
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         load_arrays(tmp_path / "nope.npz")
 

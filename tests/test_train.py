@@ -39,8 +39,8 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
     train.main(small(straight))
     train.main(small(split, steps=3))
     train.main(small(split, resume=True))
-    a = load_file(str(straight / "ckpt.safetensors"))
-    b = load_file(str(split / "ckpt.safetensors"))
+    a = load_file(str(straight / "ckpt_0000006.safetensors"))
+    b = load_file(str(split / "ckpt_0000006.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
@@ -105,14 +105,14 @@ def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):
     r = run_cli("sample.py", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.png"))
-    assert r.returncode != 0 and "no checkpoint at" in r.stderr
+    assert r.returncode != 0 and "no checkpoint (ckpt_STEP.safetensors) in" in r.stderr
 
 
 def test_pmf_mit_b_command_reaches_its_first_step(tmp_path):
     r = run_cli("train.py", "--model", "mit-b", "--variant", "pmf", "--steps", "1", "--batch-size", "4",
                 "--no-compile", "--eval-samples", "0", "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "b" / "ckpt.safetensors").exists()
+    assert (tmp_path / "b" / "ckpt_0000001.safetensors").exists()
 
 
 def test_resume_refuses_changed_training_options(tmp_path, capsys):
@@ -124,15 +124,32 @@ def test_resume_refuses_changed_training_options(tmp_path, capsys):
     train.main(small(out, resume=True, steps=4, log_every=1, compile=False))  # logging may change
 
 
-def test_nonfinite_loss_stops_with_one_line_and_keeps_finite_checkpoint(tmp_path, capsys):
+def test_nonfinite_steps_are_skipped_counted_and_stop_after_max_bad_steps(tmp_path, capsys, monkeypatch):
     import torch
     out = tmp_path / "nan"
-    with pytest.raises(SystemExit):  # an absurd learning rate blows the weights up
-        train.main(small(out, steps=30, ckpt_every=1, log_every=1, lr=1e30, warmup_steps=0))
-    assert "non-finite loss" in capsys.readouterr().err
-    ckpt = out / "ckpt.safetensors"
-    if ckpt.exists():
+    with pytest.raises(SystemExit):  # an absurd learning rate blows the weights up: every step non-finite
+        train.main(small(out, steps=30, ckpt_every=1, log_every=1, lr=1e30, warmup_steps=0, max_bad_steps=3))
+    assert "3 steps in a row with a non-finite loss or gradient" in capsys.readouterr().err
+    for ckpt in out.glob("ckpt_*.safetensors"):  # what was saved is finite
         assert all(torch.isfinite(t.float()).all() for t in load_file(str(ckpt)).values())
+
+    # One poisoned step (its loss times NaN) changes no weight, optimizer or EMA state, and is counted.
+    real = train.fast_loss_from_draws
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), metrics) if len(calls) == 2 else (loss, metrics)
+    monkeypatch.setattr(train, "fast_loss_from_draws", poisoned)
+    train.main(small(tmp_path / "poisoned", steps=2, ckpt_every=1, log_every=1, eval_samples=0))
+    monkeypatch.setattr(train, "fast_loss_from_draws", real)
+    train.main(small(tmp_path / "clean", steps=1, ckpt_every=1, log_every=1, eval_samples=0))
+    after_skip = load_file(str(tmp_path / "poisoned" / "ckpt_0000002.safetensors"))
+    clean = load_file(str(tmp_path / "clean" / "ckpt_0000001.safetensors"))
+    assert after_skip.keys() == clean.keys() and all(torch.equal(after_skip[k], clean[k]) for k in clean)
+    last = json.loads((tmp_path / "poisoned" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["skipped_steps"] == 1
 
 
 def test_dit_mf_trains_resumes_and_samples_from_its_record(tmp_path, capsys):
@@ -151,6 +168,6 @@ def test_dit_mf_trains_resumes_and_samples_from_its_record(tmp_path, capsys):
 def test_sample_refuses_a_checkpoint_without_a_model_record(tmp_path):
     from safetensors.torch import save_file
     import torch
-    save_file({"params.w": torch.zeros(2)}, str(tmp_path / "ckpt.safetensors"))
+    save_file({"params.w": torch.zeros(2)}, str(tmp_path / "ckpt_0000001.safetensors"))
     r = run_cli("sample.py", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.png"))
     assert r.returncode != 0 and "no fastmf model record" in r.stderr and "Traceback" not in r.stderr

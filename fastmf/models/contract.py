@@ -77,6 +77,29 @@ class Spec:
     num_tokens: int                 # sequence length the blocks see
 
 
+@dataclass
+class PatchInput:
+    """The fields every patch-based backbone config starts with: the input and its patching."""
+    input_size: tuple[int, ...] = (32, 32)   # 2 ints: images; 3 ints: volumes
+    patch_size: int = 2
+    in_channels: int = 4
+
+    def __post_init__(self):
+        self.input_size = tuple(int(s) for s in self.input_size)
+        if len(self.input_size) not in (2, 3):
+            raise ValueError(f"input_size must have 2 (image) or 3 (volume) ints, got {self.input_size}")
+        if self.patch_size < 1 or any(s % self.patch_size for s in self.input_size):
+            raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(s // self.patch_size for s in self.input_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size ** len(self.input_size) * self.in_channels
+
+
 class Backbone(nn.Module):
     """Base of every network: checks the call against `spec`, then `predict` does the work."""
 

@@ -15,17 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import attention
-from fastmf.models.contract import Backbone, Conditions, Prediction, Spec, Tangent
+from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (LabelEmbedder, attention_tail_tangent, LayerNorm, PatchEmbed, ScalarEmbedder, gelu_tanh_jvp,
                                   maybe_compiled, patchify, silu_jvp, sincos_embedding, tail, unpatchify)
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(PatchInput):
     """DiT hyperparameters (MeanFlow's sizes: B 12 x 768, M 16 x 1024, L 24 x 1024, XL 28 x 1152)."""
-    input_size: tuple[int, ...] = (32, 32)   # 2 ints: images; 3 ints: volumes
-    patch_size: int = 2
-    in_channels: int = 4
     hidden_size: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -34,25 +31,13 @@ class DiTConfig:
     attn_backend: str = "auto"
 
     def __post_init__(self):
-        self.input_size = tuple(int(s) for s in self.input_size)
-        if len(self.input_size) not in (2, 3):
-            raise ValueError(f"input_size must have 2 (image) or 3 (volume) ints, got {self.input_size}")
-        if any(s % self.patch_size for s in self.input_size):
-            raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
+        super().__post_init__()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads")
 
     @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(s // self.patch_size for s in self.input_size)
-
-    @property
     def num_tokens(self) -> int:
         return math.prod(self.grid)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size ** len(self.input_size) * self.in_channels
 
 
 # MeanFlow's sizes (Gsunshine/meanflow models_dit.py); the patch size is set apart (MF-B/4: patch_size=4).

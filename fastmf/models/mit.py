@@ -14,18 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import attention
-from fastmf.models.contract import Backbone, Conditions, Prediction, Spec, Tangent
+from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, attention_tail_tangent, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
                                   maybe_compiled, rope_axial, tail, unpatchify)
 
 
 @dataclass
-class MiTConfig:
+class MiTConfig(PatchInput):
     """MiT hyperparameters. `depth` counts the trunk plus one head (B: 4 shared + 8 u + 8 v)."""
-    input_size: tuple[int, ...] = (32, 32)   # 2 ints: images; 3 ints: volumes
-    patch_size: int = 2
-    in_channels: int = 4
     hidden_size: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -44,11 +41,7 @@ class MiTConfig:
     attn_backend: str = "auto"
 
     def __post_init__(self):
-        self.input_size = tuple(int(s) for s in self.input_size)
-        if len(self.input_size) not in (2, 3):
-            raise ValueError(f"input_size must have 2 (image) or 3 (volume) ints, got {self.input_size}")
-        if any(s % self.patch_size for s in self.input_size):
-            raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
+        super().__post_init__()
         if self.patch_embed not in ("linear", "bottleneck"):
             raise ValueError(f"patch_embed must be 'linear' or 'bottleneck', got {self.patch_embed!r}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
@@ -62,10 +55,6 @@ class MiTConfig:
             raise ValueError(f"rope must be '1d' or 'axial', got {self.rope!r}")
 
     @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(s // self.patch_size for s in self.input_size)
-
-    @property
     def num_prefix(self) -> int:
         return (self.num_class_tokens + self.num_cfg_tokens + 2 * self.num_interval_tokens
                 + self.num_time_tokens)
@@ -73,10 +62,6 @@ class MiTConfig:
     @property
     def num_tokens(self) -> int:
         return self.num_prefix + math.prod(self.grid)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size ** len(self.input_size) * self.in_channels
 
     @property
     def mlp_hidden(self) -> int:

@@ -1,0 +1,23 @@
+"""What the command-line entry points share: one-line errors for users, the device choice."""
+import sys
+
+import torch
+
+
+def fail(msg: str):
+    """Print `error: msg` on one line and exit with status 2 (a user's mistake, not a crash)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'; a device this machine lacks is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: this torch build or machine has no CUDA; use --device cpu")
+    return device

@@ -1,0 +1,91 @@
+"""torchrun / torch.distributed: process groups, each rank's slice of the global batch, DDP.
+
+    dist = init("auto")            # world 1 without torchrun; NCCL on GPU, gloo on CPU under it
+    rows = dist.rows(batch_size)   # this rank's slice of the global batch
+    net = wrap_ddp(model, dist)    # DDP when world > 1: gradients all-reduced during backward
+
+The global batch and every draw of a step depend on (seed, step) only (data.EpochSampler,
+step_draws.draw_global): each rank computes its slice, so N processes follow the trajectory of
+1 process up to floating-point reduction order, and a run may resume on another world size.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: rank of world, and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's contiguous slice of a global batch of `batch_size` rows."""
+        if batch_size % self.world:
+            raise ValueError(f"--batch-size {batch_size} is global and must divide by the world size {self.world}")
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The mean over ranks of each scalar (each rank's value is the mean over its equal slice)."""
+        if self.world == 1:
+            return values
+        stacked = torch.stack([v.detach().float() for v in values.values()])
+        td.all_reduce(stacked)
+        return dict(zip(values, stacked / self.world))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on some rank (a collective decision, e.g. to stop)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        td.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def barrier(self):
+        if self.world > 1:
+            td.barrier()
+
+
+def init(device_name: str, resolve) -> Dist:
+    """Join torchrun's process group if launched by it (RANK / WORLD_SIZE / LOCAL_RANK set), else
+    world 1. `resolve(name) -> torch.device` turns --device into a device (cli.resolve_device)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(0, 1, resolve(device_name))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = resolve(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)  # one GPU per process, by local rank
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, device)
+
+
+def shutdown():
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """The module the train step calls: DDP(model) for world > 1, else model itself.
+
+    Each step runs its guidance passes under no_grad (DDP does not prepare a reduction for them)
+    and one with-grad pass whose hand-written tangent rules run inside the model's own forward,
+    so DDP's hooks fire as in any forward and backward all-reduces every gradient, bucketed and
+    overlapped with the backward. Every parameter takes part in that pass (MF builds no v-head),
+    hence no find_unused_parameters; the buffers are fixed tables, hence no broadcast.
+    """
+    if dist.world == 1:
+        return model
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

@@ -1,0 +1,60 @@
+"""The global batch of a step, and every draw of it, as a function of (seed, step) only; each rank
+takes its rows.
+
+JAX gets this from one global RNG key. Here: the scalars of the whole global batch (t, r, omega,
+the CFG interval, the class dropout; B numbers each) come from one generator seeded by (seed,
+step), which every rank runs in full (cheap); the pixel noise of global row g comes from its own
+counter-based stream seeded by (seed, step, g), so no rank makes noise for rows it does not own.
+
+Layout, as the references (first int(B * data_proportion) rows flow matching, the first num_drop
+of those get the null class), except that the flow-matching rows are spread evenly over the
+batch (row g is flow matching iff floor((g + 1) p) > floor(g p): the same count int(B p)): every
+rank's slice then holds its share, so no rank idles while another carries all the tangents.
+Within a rank its rows are reordered flow-matching first, as the fast step needs; the loss is a
+mean over rows, so the order does not change it.
+"""
+import torch
+
+from fastmf.objectives import Draws, ObjectiveConfig, draw_conditions, sample_t_r
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)  # splitmix64 multipliers: distinct keys for (seed, step, row)
+
+
+def stream_key(seed: int, step: int, row: int = -1) -> int:
+    """A 63-bit generator seed for (seed, step) (row -1: the batch's scalars) or for one row's noise."""
+    return ((((seed + 1) * _MIX[0] + step) * _MIX[1]) + row + 1) % 2**63
+
+
+def flow_matching_rows(B: int, proportion: float) -> torch.Tensor:
+    """bool (B,): int(B * proportion) rows spread evenly (floor((g + 1) p) > floor(g p))."""
+    g = torch.arange(B + 1, dtype=torch.float64)
+    marks = torch.floor(g * proportion)
+    return marks[1:] > marks[:-1]
+
+
+def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cfg: ObjectiveConfig,
+              device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Draws]:
+    """The draws of global rows `rows` of step `step`'s batch of B, flow-matching rows first.
+
+    Returns (order, draws): order (b,) are the global rows in the order the draws are in (gather
+    this rank's data with it), draws a Draws record of b rows on `device` with n_fm set.
+    """
+    gen = torch.Generator().manual_seed(stream_key(seed, step))
+    like = torch.empty(0, dtype=torch.float32)
+    t, r = sample_t_r(B, gen, like, cfg)
+    fm = flow_matching_rows(B, cfg.data_proportion)
+    r = torch.where(fm, t, r)
+    omega, t_min, t_max, num_drop = draw_conditions(fm, gen, like, cfg)
+    fm_first = torch.cat([torch.nonzero(fm).flatten(), torch.nonzero(~fm).flatten()])
+    drop = torch.zeros(B, dtype=torch.bool)
+    drop[fm_first[:int(num_drop)]] = True                              # the first num_drop flow-matching rows
+
+    mine = torch.arange(rows.start, rows.stop)
+    order = torch.cat([mine[fm[mine]], mine[~fm[mine]]])               # (b,) flow matching first
+    noise = torch.stack([torch.randn(sample_shape, device=device, dtype=torch.float32,
+                                     generator=torch.Generator(device=device).manual_seed(stream_key(seed, step, g)))
+                         for g in order.tolist()])                      # (b, C, *S)
+    to = lambda a: a[order].to(device, dtype)
+    draws = Draws(to(t), to(r), fm[order].to(device), (noise * cfg.noise_scale).to(dtype), to(omega),
+                  to(t_min), to(t_max), drop[order].to(device), int(fm[mine].sum()))
+    return order, draws
