@@ -254,7 +254,9 @@ def main(cfg: TrainConfig):
                 labels = class_grid_labels(data.num_classes, 10, device)
                 save_grid(generate(model, state.ema, labels, cfg.seed, eval_omega), out / f"samples_{step:07d}.png",
                           nrow=10)
-            if ckpt_now or signalled:
+        if ckpt_now or signalled:
+            distributed.check_same_on_all_ranks(params, dist)
+            if main_rank:
                 save()
         if signalled:
             if main_rank:

@@ -9,6 +9,7 @@ step_draws.draw_global): each rank computes its slice, so N processes follow the
 1 process up to floating-point reduction order, and a run may resume on another world size.
 """
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -88,4 +89,21 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     if dist.world == 1:
         return model
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
+
+
+def check_same_on_all_ranks(tensors: dict[str, torch.Tensor], dist: Dist):
+    """Raise if the ranks' tensors differ (a per-tensor sum, compared by min and max over ranks):
+    a guard that gradient synchronisation really happened, run before every save."""
+    if dist.world == 1:
+        return
+    sums = torch.stack([t.detach().double().sum() for t in tensors.values()]).to(dist.device)
+    lo, hi = sums.clone(), sums.clone()
+    td.all_reduce(lo, op=td.ReduceOp.MIN)
+    td.all_reduce(hi, op=td.ReduceOp.MAX)
+    differ = [k for k, a, b in zip(tensors, lo.tolist(), hi.tolist()) if a != b]
+    if differ:
+        raise RuntimeError(f"the ranks hold different weights ({len(differ)} tensors, e.g. {differ[0]}): "
+                           "gradients were not synchronised")

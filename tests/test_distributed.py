@@ -1,0 +1,132 @@
+"""torchrun on CPU (gloo): 2 processes follow 1 process on the same global batch, resume across
+world sizes, only rank 0 writes; kill -9 and SIGTERM leave resumable checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--no-compile", "--batch-size", "16", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "100",
+         "--eval-samples", "0", "--warmup-steps", "2"]
+TOL = dict(rtol=1e-5, atol=1e-6)  # reduction order: DDP averages the ranks' gradients
+
+
+def launch(nproc: int, out: Path, *args: str, wait: bool = True):
+    """`python train.py` (nproc 1) or `torchrun --standalone --nproc_per_node=nproc train.py`."""
+    cmd = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    cmd += [*FLAGS, "--out", str(out), *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, step: int) -> dict:
+    return load_file(str(out / f"ckpt_{step:07d}.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, exact=False):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("params.", "ema.")):
+            if exact:
+                assert torch.equal(a[k], b[k]), k
+            else:
+                torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize("model,variant", [("mit-tiny", "imf"), ("dit-tiny", "mf")])
+def test_two_processes_follow_one_on_the_same_global_batch(tmp_path, model, variant):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--model", model, "--variant", variant, "--steps", "4"]
+    launch(1, one, *args)
+    launch(2, two, *args)  # every save checks that both ranks hold the same weights
+    m1, m2 = metrics(one), metrics(two)
+    assert [r["step"] for r in m2] == [1, 2, 3, 4]  # one writer: rank 0
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-6)
+    assert m2[0]["grad_norm"] == pytest.approx(m1[0]["grad_norm"], rel=1e-6)
+    assert_same_weights(weights(one, 4), weights(two, 4))
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_resume_on_another_world_size_continues_the_same_trajectory(tmp_path):
+    straight, a, b = tmp_path / "straight", tmp_path / "a", tmp_path / "b"
+    launch(1, straight, "--steps", "4")
+    launch(2, a, "--steps", "2")
+    r = launch(1, a, "--steps", "4", "--resume")  # written by 2 processes, resumed by 1
+    assert "(written by 2 processes, now 1)" in r.stdout
+    launch(1, b, "--steps", "2")
+    launch(2, b, "--steps", "4", "--resume")      # and the other way
+    assert_same_weights(weights(a, 4), weights(straight, 4))
+    assert_same_weights(weights(b, 4), weights(straight, 4))
+
+
+def wait_for(path: Path, proc, timeout=300):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, nproc):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = launch(nproc, killed, "--steps", "1000", wait=False)
+    wait_for(killed / "ckpt_0000002.safetensors", proc)
+    # Every process of the job, mid-run (torchrun's workers have process groups of their own).
+    subprocess.run(["pkill", "-9", "-f", "--", f"--out {killed}"], check=False)
+    proc.wait()
+    reached = max(int(p.stem.split("_")[1]) for p in killed.glob("ckpt_*.safetensors"))
+    end = 30
+    assert reached < end, f"the killed run reached step {reached} before the kill"
+    launch(nproc, straight, "--steps", str(end))
+    launch(nproc, killed, "--steps", str(end), "--resume")
+    assert_same_weights(weights(killed, end), weights(straight, end), exact=True)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    out = tmp_path / "term"
+    proc = launch(1, out, "--steps", "100000", "--ckpt-every", "100000", wait=False)
+    wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    step = metrics(out)[-1]["step"]
+    saved = sorted(out.glob("ckpt_*.safetensors"))
+    assert f"stopped by SIGTERM at step" in err and saved and int(saved[-1].stem.split("_")[1]) >= step
+    launch(1, out, "--steps", str(int(saved[-1].stem.split("_")[1]) + 1), "--resume")
+
+
+def test_a_flipped_byte_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    out = tmp_path / "flip"
+    launch(1, out, "--steps", "4")
+    newest = out / "ckpt_0000004.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-64:-60] = bytes(255 - b for b in data[-64:-60])
+    newest.write_bytes(bytes(data))
+    r = launch(1, out, "--steps", "4", "--resume")
+    assert "skipped a damaged checkpoint" in r.stderr and "fail their checksum" in r.stderr
+    assert "resumed ckpt_0000002.safetensors at step 2" in r.stdout
+
+
+def test_batch_size_must_divide_by_the_world_size(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *FLAGS, "--batch-size", "15", "--out", str(tmp_path / "x")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--batch-size 15 is global and must divide by the world size 2" in r.stderr
