@@ -69,7 +69,7 @@ class RunOptions:
     steps: int = 2000
     """Train until this many optimizer steps."""
     out: str = "runs/default"
-    """Output folder: ckpt.safetensors, metrics.jsonl, samples_*.png, eval.json."""
+    """Output folder: ckpt_STEP.safetensors, metrics.jsonl, samples_STEP.png, eval.json (rank 0 writes)."""
     resume: bool = False
     """Continue exactly from the newest good checkpoint in OUT (the training options must be the same;
     any world size). Under torchrun a restarted job (--max-restarts) resumes by itself."""

@@ -1,7 +1,7 @@
 """The run state: everything a training run needs to continue exactly, saved and restored as one.
 
 Params, their EMAs, the optimizer and the step. There is no other state: the data order and
-every random draw of a step derive from (seed, step) (data.EpochSampler, `step_generator`).
+every random draw of a step derive from (seed, step) (data.EpochSampler, global_batch.draw_rows).
 """
 import torch
 
@@ -17,12 +17,6 @@ def ema_decay(step: int, ema: float) -> float:
     """Constant decay `ema`, warmed up as (1 + step) / (10 + step) so that the initial weights do
     not linger in short runs."""
     return min(ema, (1 + step) / (10 + step))
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of every random draw of `step`: seeded by (seed, step) only, so a resumed run
-    draws what an uninterrupted one would."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
 
 
 class RunState:
