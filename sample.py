@@ -14,7 +14,8 @@ import torch
 import tyro
 
 from fastmf.cli import fail, resolve_device
-from fastmf.ckpt import load_checkpoint, newest_good_checkpoint, unflatten_state
+from fastmf.ckpt import list_checkpoints, load_checkpoint, newest_good_checkpoint, unflatten_state
+from fastmf.sharded_ckpt import list_sharded, load_full
 from fastmf.images import save_grid, save_nifti, save_npz
 from fastmf.models import Backbone, from_record, functional
 from fastmf.sampling import sample
@@ -24,7 +25,8 @@ from fastmf.sampling import sample
 class Args:
     """Generate samples with the u-head of a trained model (the checkpoint says which backbone)."""
     ckpt: str
-    """Run folder (its newest good ckpt_STEP.safetensors is used) or one .safetensors checkpoint file."""
+    """Run folder (its newest good checkpoint is used), one ckpt_STEP.safetensors file, or an FSDP run's
+    sharded ckpt_STEP.dcp folder."""
     out: str = "samples.png"
     """.png grid, .npz (arrays samples, labels) or .nii.gz / .nii volumes (one file per sample)."""
     nfe: int = 1
@@ -52,6 +54,13 @@ class Args:
 
 def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     p = Path(path)
+    sharded = [p] if p.name.endswith(".dcp") else list_sharded(p) if p.is_dir() and not list_checkpoints(p) else []
+    if sharded:  # an FSDP run's sharded checkpoint, read whole into this one process
+        meta = json.loads((sharded[0] / "meta.json").read_text())
+        model = from_record(meta["model"]).to(device)
+        groups, meta = load_full(sharded[0], model.state_dict())
+        model.load_state_dict(groups[weights], strict=True)
+        return model.eval(), dict(model.named_parameters()), meta
     try:
         if p.is_dir():
             file, tensors, meta, skipped = newest_good_checkpoint(p)

@@ -21,11 +21,12 @@ from tqdm import tqdm
 from fastmf import distributed
 from fastmf.cli import fail, resolve_device
 from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
+from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
 from fastmf.config import TrainConfig, parse
 from fastmf.data import EpochSampler, load_dataset
 from fastmf.global_batch import draw_rows
 from fastmf.images import save_grid
-from fastmf.models import Backbone, build, functional
+from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sampling import sample
@@ -76,24 +77,57 @@ def generate(model: Backbone, params: dict, labels: torch.Tensor, seed: int, ome
     return sample(functional(model), params, z, labels, steps=nfe, omega=omega)
 
 
-def resume(cfg: TrainConfig, state: RunState, out: Path, dist: distributed.Dist):
-    """Load the newest good checkpoint of `out` into state (every rank reads the same file)."""
-    try:
-        path, tensors, meta, skipped = newest_good_checkpoint(out)
-        for why in skipped if dist.is_main else []:
-            print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
-        saved, now = meta.get("config", {}), training_options(cfg)
-        changed = [k for k in now if saved.get(k) != now[k]]
-        if changed:
-            fail(f"{path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} there, "
-                 f"{now[changed[0]]} now); resume with the same ones")
-        state.load_state_dict(tensors, meta["state"])
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        fail(f"cannot resume from {out}: {e}")
-    if dist.is_main:
-        world = meta.get("world_size", 1)
-        print(f"resumed {path.name} at step {state.step}" + (f" (written by {world} processes, now {dist.world})"
-                                                              if world != dist.world else ""))
+class Checkpoints:
+    """The run folder's checkpoints: ckpt_STEP.safetensors written by rank 0 (one process, DDP), or
+    sharded ckpt_STEP.dcp folders written by every rank (FSDP); the newest `keep` are kept."""
+
+    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone):
+        self.cfg, self.dist, self.model, self.out = cfg, dist, model, Path(cfg.run.out)
+        self.sharded = cfg.run.parallel == "fsdp"
+
+    def exist(self) -> bool:
+        return bool(list_sharded(self.out) if self.sharded else list_checkpoints(self.out))
+
+    def save(self, state: RunState):
+        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world}
+        keep = self.cfg.run.keep_checkpoints
+        if self.sharded:
+            save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
+            return
+        distributed.check_same_on_all_ranks(state.params, self.dist)
+        if not self.dist.is_main:
+            return
+        tensors, state_meta = state.state_dict()
+        if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("params.", "ema."))):
+            fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
+        save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
+        prune_checkpoints(self.out, keep)
+
+    def resume(self, state: RunState):
+        """Load the newest good checkpoint into state (every rank reads it)."""
+        try:
+            if self.sharded:
+                path = list_sharded(self.out)[0]
+                meta = json.loads((path / "meta.json").read_text())
+            else:
+                path, tensors, meta, skipped = newest_good_checkpoint(self.out)
+                for why in skipped if self.dist.is_main else []:
+                    print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
+            saved, now = meta.get("config", {}), training_options(self.cfg)
+            changed = [k for k in now if saved.get(k) != now[k]]
+            if changed:
+                fail(f"{path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} there, "
+                     f"{now[changed[0]]} now); resume with the same ones")
+            if self.sharded:
+                load_sharded(path, state, self.model)
+            else:
+                state.load_state_dict(tensors, meta["state"])
+        except (ValueError, KeyError, FileNotFoundError, IndexError) as e:
+            fail(f"cannot resume from {self.out}: {e}")
+        if self.dist.is_main:
+            world = meta.get("world_size", 1)
+            print(f"resumed {path.name} at step {state.step}" + (f" (written by {world} processes, now "
+                                                                  f"{self.dist.world})" if world != self.dist.world else ""))
 
 
 class StopSignal:
@@ -150,11 +184,6 @@ def main(cfg: TrainConfig):
     device, main_rank = dist.device, dist.is_main
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     out = Path(cfg.run.out)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and bool(list_checkpoints(out))
-    resumed = cfg.run.resume or restarted
-    if resumed != bool(list_checkpoints(out)):
-        fail(f"--resume given but {out} holds no checkpoint" if resumed else
-             f"{out} holds checkpoints; pass --resume to continue them or choose another --out")
     if dist.world > 1 and cfg.reference_loss:
         fail("--reference-loss uses torch.func.jvp, which is broken through DDP (pytorch 102197): "
              "under torchrun train with the fast step (the default)")
@@ -172,26 +201,38 @@ def main(cfg: TrainConfig):
         print(f"warning: --batch-size {cfg.data.batch_size} with data proportion {ocfg.data_proportion} gives no "
               "flow-matching (r = t) sample per batch; use a batch of at least "
               f"{math.ceil(1 / ocfg.data_proportion)}", file=sys.stderr)
-    params = dict(model.named_parameters())
+    if cfg.reference_loss and cfg.model.attn_backend == "auto":
+        # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
+        model.set_attention_backend("triton" if device.type == "cuda" else "torch")
+    checkpoints = Checkpoints(cfg, dist, model)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints.exist()
+    resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
+    if resumed != checkpoints.exist():
+        fail(f"--resume given but {out} holds no checkpoint" if resumed else
+             f"{out} holds checkpoints; pass --resume to continue them or choose another --out")
+    try:
+        net = (distributed.wrap_fsdp(model, dist, use_bf16) if checkpoints.sharded
+               else distributed.wrap_ddp(model, dist))
+    except ValueError as e:
+        fail(str(e))
+    params = dict(model.named_parameters())  # after wrapping: FSDP's are DTensor shards
     # fused: the update is a few kernels instead of several per parameter (CUDA launch overhead)
     opt = torch.optim.Adam(params.values(), lr=cfg.optim.lr, betas=(cfg.optim.adam_b1, cfg.optim.adam_b2),
                            fused=device.type == "cuda")
     state = RunState(params, opt)
     if resumed:
-        resume(cfg, state, out, dist)
+        checkpoints.resume(state)
         if state.step >= cfg.run.steps and main_rank:
             print(f"{out} is already at step {state.step} (--steps {cfg.run.steps}): nothing to train")
-
-    if cfg.reference_loss and cfg.model.attn_backend == "auto":
-        # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
-        model.set_attention_backend("triton" if device.type == "cuda" else "torch")
-    net = distributed.wrap_ddp(model, dist)
-    # Under DDP the step calls the wrapper itself (its params are these very tensors), so its hooks run.
-    apply = functional(model) if net is model else (lambda p, *a, **kw: net(*a, **kw))
+    # Wrapped, the step calls the wrapper itself (its params are these very tensors), so its hooks run.
+    apply = functional(model) if net is model and dist.world == 1 else (lambda p, *a, **kw: net(*a, **kw))
     loss_from_draws = LOSSES_FROM_DRAWS[ocfg.variant] if cfg.reference_loss else fast_loss_from_draws
     step_loss = lambda x, y, d: loss_from_draws(apply, params, x, y, d, ocfg)
     scope = "step" if cfg.reference_loss else cfg.run.compile_scope
     if cfg.run.compile and scope == "blocks":
+        if checkpoints.sharded:
+            fail("--compile-scope blocks calls the blocks' shared compiled code, which FSDP's hooks do not "
+                 "see: use --compile-scope step with --parallel fsdp")
         model.compile_blocks()
     elif cfg.run.compile:  # the draws stay eager: dynamo cannot trace sampling from an explicit generator
         step_loss = torch.compile(step_loss)
@@ -208,13 +249,17 @@ def main(cfg: TrainConfig):
     eval_omega = 1.0 if ocfg.variant == "mf" else cfg.run.sample_omega
     stop, bad_in_row, skipped = StopSignal(), 0, 0
 
-    def save():
-        tensors, state_meta = state.state_dict()
-        if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("params.", "ema."))):
-            fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
-        meta = {"state": state_meta, "config": asdict(cfg), "model": model.record, "world_size": dist.world}
-        save_checkpoint(checkpoint_path(out, state.step), tensors, meta)
-        prune_checkpoints(out, cfg.run.keep_checkpoints)
+    sampler_model = None
+
+    def sampling_weights() -> tuple[Backbone, dict]:
+        """The model and EMA weights to sample with (FSDP: gathered into an unsharded copy; a collective)."""
+        nonlocal sampler_model
+        if not checkpoints.sharded:
+            return model, state.ema
+        full = distributed.full_tensors(state.ema)
+        if sampler_model is None:
+            sampler_model = from_record(model.record).to(device)
+        return sampler_model, full
 
     while state.step < cfg.run.steps:
         idx = sampler.indices(state.step)                                           # (B,) global batch
@@ -228,6 +273,7 @@ def main(cfg: TrainConfig):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.optim.grad_clip or float("inf"))
+        grad_norm = distributed.full_tensors({"g": grad_norm})["g"]
         # The all-reduced gradients are the same on every rank, so every rank decides alike.
         if math.isfinite(grad_norm.item()):
             opt.step()
@@ -248,16 +294,16 @@ def main(cfg: TrainConfig):
             if main_rank:
                 logger.log(step, {k: v.item() for k, v in metrics.items()} | {
                     "lr": lr, "grad_norm": grad_norm.item(), "skipped_steps": skipped})
+        if step % cfg.run.sample_every == 0 or last:
+            sample_model, weights = sampling_weights()
+            if main_rank:
+                labels = class_grid_labels(data.num_classes, 10, device)
+                save_grid(generate(sample_model, weights, labels, cfg.seed, eval_omega),
+                          out / f"samples_{step:07d}.png", nrow=10)
+        if ckpt_now or signalled:
+            checkpoints.save(state)
         if main_rank:
             logger.bar.update(1)
-            if step % cfg.run.sample_every == 0 or last:
-                labels = class_grid_labels(data.num_classes, 10, device)
-                save_grid(generate(model, state.ema, labels, cfg.seed, eval_omega), out / f"samples_{step:07d}.png",
-                          nrow=10)
-        if ckpt_now or signalled:
-            distributed.check_same_on_all_ranks(params, dist)
-            if main_rank:
-                save()
         if signalled:
             if main_rank:
                 print(f"stopped by {stop.received or 'a signal to another rank'} at step {step}: checkpoint saved; "
@@ -265,10 +311,12 @@ def main(cfg: TrainConfig):
             break
     dist.barrier()
 
+    if cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
+        sample_model, weights = sampling_weights()
     if main_rank and cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
         from fastmf.eval import digits_report
         labels = torch.arange(cfg.run.eval_samples, device=device) % 10
-        report = digits_report(generate(model, state.ema, labels, cfg.seed + 7, eval_omega).cpu(), labels.cpu())
+        report = digits_report(generate(sample_model, weights, labels, cfg.seed + 7, eval_omega).cpu(), labels.cpu())
         report |= {"step": state.step, "nfe": 1, "omega": eval_omega, "n": cfg.run.eval_samples}
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "

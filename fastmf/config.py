@@ -75,6 +75,10 @@ class RunOptions:
     any world size). Under torchrun a restarted job (--max-restarts) resumes by itself."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' replicates the model on every rank; 'fsdp' (FSDP2) shards weights, gradients
+    and optimizer state across the ranks, for models that do not fit one device (mit-xl and up); its
+    checkpoints are sharded (OUT/ckpt_STEP.dcp, torch.distributed.checkpoint)."""
     compile: bool = True
     """torch.compile the train step (see --compile-scope); the first step compiles."""
     compile_scope: Literal["step", "blocks"] = "step"

@@ -94,6 +94,28 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
 
 
+def wrap_fsdp(model: torch.nn.Module, dist: Dist, bf16: bool) -> torch.nn.Module:
+    """FSDP2 in place: every transformer block (modules marked `shard_unit`) and then the root
+    sharded across the ranks, for models whose weights, gradients and Adam state do not fit one
+    device. Parameters become DTensor shards: take `named_parameters()` after this. The tangent
+    path runs through each block's own forward, so FSDP's gather and reshard hooks fire for it too.
+    bf16: compute in bf16 with fp32 gradient reduction and fp32 master weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if dist.world == 1:
+        raise ValueError("--parallel fsdp shards across processes: launch with torchrun and 2 or more")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for m in [m for m in model.modules() if getattr(m, "shard_unit", False)]:
+        fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DTensor shards gathered to full tensors on every rank (a collective); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
 def check_same_on_all_ranks(tensors: dict[str, torch.Tensor], dist: Dist):
     """Raise if the ranks' tensors differ (a per-tensor sum, compared by min and max over ranks):
     a guard that gradient synchronisation really happened, run before every save."""

@@ -130,3 +130,27 @@ def test_batch_size_must_divide_by_the_world_size(tmp_path):
            *FLAGS, "--batch-size", "15", "--out", str(tmp_path / "x")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--batch-size 15 is global and must divide by the world size 2" in r.stderr
+
+
+def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path):
+    """FSDP2 on 2 processes (the model sharded across them): the same trajectory as 1 process,
+    through a save and resume of its DCP checkpoint; sample.py reads that checkpoint whole."""
+    from fastmf.models import from_record
+    from fastmf.sharded_ckpt import load_full
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    launch(1, one, "--steps", "6")
+    launch(2, sharded, "--parallel", "fsdp", "--steps", "4")
+    r = launch(2, sharded, "--parallel", "fsdp", "--steps", "6", "--resume")
+    assert "resumed ckpt_0000004.dcp at step 4" in r.stdout
+    m1, m2 = metrics(one), metrics(sharded)
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-6)
+    assert m2[0]["grad_norm"] == pytest.approx(m1[0]["grad_norm"], rel=1e-6)
+    path = sharded / "ckpt_0000006.dcp"
+    record = json.loads((path / "meta.json").read_text())["model"]
+    groups, _ = load_full(path, from_record(record).state_dict())
+    full = {f"{g}.{k}": v for g, tensors in groups.items() for k, v in tensors.items()}
+    assert_same_weights(full, {k: v for k, v in weights(one, 6).items() if k.startswith(("params.", "ema."))})
+    npz = tmp_path / "s.npz"
+    subprocess.run([sys.executable, "sample.py", "--ckpt", str(sharded), "--out", str(npz), "--labels", "1,2"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert npz.exists()

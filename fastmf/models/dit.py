@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (LabelEmbedder, attention_tail_tangent, LayerNorm, PatchEmbed, ScalarEmbedder, gelu_tanh_jvp,
-                                  maybe_compiled, patchify, silu_jvp, sincos_embedding, tail, unpatchify)
+                                  call_block, patchify, silu_jvp, sincos_embedding, tail, unpatchify)
 
 
 @dataclass
@@ -120,6 +120,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """adaLN-Zero block: x += gate * branch(modulate(norm(x), shift, scale)), for attention and MLP."""
 
+    shard_unit = True  # FSDP2 shards each block on its own (distributed.wrap_fsdp)
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         C = cfg.hidden_size
@@ -128,8 +130,12 @@ class Block(nn.Module):
         self.mlp = MLP(C, int(C * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Linear(C, 6 * C)
 
-    def forward(self, x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C), sc = silu(c) (B, C)."""
+    def forward(self, x: torch.Tensor, sc: torch.Tensor, dx: torch.Tensor | None = None,
+                dsc: torch.Tensor | None = None):
+        """x (B, N, C), sc = silu(c) (B, C) -> (B, N, C); with tangents dx, dsc of the last Bt
+        samples, (out, d out) (`jvp`)."""
+        if dx is not None:
+            return self.jvp(x, dx, sc, dsc)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(sc).chunk(6, dim=-1)  # (B, C) x6
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))             # (B, N, C)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))           # (B, N, C)
@@ -226,9 +232,8 @@ class DiT(Backbone):
         sc = F.silu(cond)                                                              # (B, C)
         if tangent is not None:
             return self._predict_with_tangent(x, cond, sc, c, tangent)
-        forward = maybe_compiled(Block.forward, self.compiled_blocks)
         for blk in self.blocks:
-            x = forward(blk, x, sc)
+            x = call_block(blk, self.compiled_blocks, x, sc)
         return Prediction(self._unpatchify(self.final_layer(x, sc)))
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -242,9 +247,8 @@ class DiT(Backbone):
                      + self.h_embedder.tangent(tail(c.h, tangent.dh), tangent.dh))   # (Bt, C)
             _, dsc = silu_jvp(tail(cond, dcond), dcond)                               # (Bt, C)
             dsc = dsc.to(dx.dtype)
-        jvp = maybe_compiled(Block.jvp, self.compiled_blocks)
         for blk in self.blocks:
-            x, dx = jvp(blk, x, dx, sc, dsc)
+            x, dx = call_block(blk, self.compiled_blocks, x, sc, dx, dsc)
         out, dout = self.final_layer.jvp(x, dx, sc, dsc)
         with torch.no_grad():
             du = self._unpatchify(dout)

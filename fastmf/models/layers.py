@@ -119,13 +119,15 @@ def attention_tail_tangent(q, k, v, dq, dk, dv, backend: str) -> tuple[torch.Ten
 _COMPILED: dict = {}
 
 
-def maybe_compiled(fn, enabled: bool):
-    """fn, or its torch.compile'd version (one per function, shared by every caller) if enabled."""
-    if not enabled:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
-    return _COMPILED[fn]
+def call_block(block: nn.Module, compiled: bool, *args):
+    """block(*args) as a module call (so that hooks such as FSDP's run), or through the one
+    torch.compile'd forward that all blocks of its class share (regional compilation)."""
+    if not compiled:
+        return block(*args)
+    forward = type(block).forward
+    if forward not in _COMPILED:
+        _COMPILED[forward] = torch.compile(forward)
+    return _COMPILED[forward](block, *args)
 
 
 def silu_jvp(a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

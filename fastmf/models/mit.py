@@ -17,7 +17,7 @@ from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, attention_tail_tangent, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
-                                  maybe_compiled, rope_axial, tail, unpatchify)
+                                  call_block, rope_axial, tail, unpatchify)
 
 
 @dataclass
@@ -147,6 +147,8 @@ class RoPEAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; both residual branches scaled by zero-initialised per-channel gates."""
 
+    shard_unit = True  # FSDP2 shards each block on its own (distributed.wrap_fsdp)
+
     def __init__(self, cfg: MiTConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size)
@@ -156,7 +158,10 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.mlp_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dx: torch.Tensor | None = None):
+        """x (B, N, C) -> (B, N, C); with a tangent dx of the last Bt samples, (out, d out) (`jvp`)."""
+        if dx is not None:
+            return self.jvp(x, dx, cos, sin)
         x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale      # (B, N, C)
         return x + self.mlp(self.norm2(x)) * self.mlp_scale               # (B, N, C)
 
@@ -286,9 +291,8 @@ class MiT(Backbone):
         return Prediction(u, v)
 
     def _run(self, blocks, seq):
-        forward = maybe_compiled(Block.forward, self.compiled_blocks)
         for blk in blocks:
-            seq = forward(blk, seq, self.rope_cos, self.rope_sin)
+            seq = call_block(blk, self.compiled_blocks, seq, self.rope_cos, self.rope_sin)
         return seq
 
     def _head(self, blocks, final: "FinalLayer", seq) -> torch.Tensor:
@@ -310,12 +314,11 @@ class MiT(Backbone):
             dseq = torch.cat([d_patch.new_zeros(Bt, n_before_time, d_patch.shape[-1]),
                               dh_emb[:, None].to(d_patch.dtype).expand(-1, cfg.num_time_tokens, -1),
                               d_patch], dim=1)                                       # (Bt, N, C)
-        jvp = maybe_compiled(Block.jvp, self.compiled_blocks)
         for blk in self.shared_blocks:
-            seq, dseq = jvp(blk, seq, dseq, cos, sin)
+            seq, dseq = call_block(blk, self.compiled_blocks, seq, cos, sin, dseq)
         v = self._head(self.v_heads, self.v_final_layer, seq) if "v" in heads else None
         for blk in self.u_heads:
-            seq, dseq = jvp(blk, seq, dseq, cos, sin)
+            seq, dseq = call_block(blk, self.compiled_blocks, seq, cos, sin, dseq)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
         u = unpatchify(out, cfg.patch_size, cfg.grid)                                # (B, C, *S)
         with torch.no_grad():
