@@ -113,7 +113,9 @@ class Checkpoints:
                 path, tensors, meta, skipped = newest_good_checkpoint(self.out)
                 for why in skipped if self.dist.is_main else []:
                     print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
-            saved, now = meta.get("config", {}), training_options(self.cfg)
+            if not {"state", "config", "model"} <= set(meta):
+                fail(f"{path} has no fastmf run record: not a checkpoint written by fastmf's train.py")
+            saved, now = meta["config"], training_options(self.cfg)
             changed = [k for k in now if saved.get(k) != now[k]]
             if changed:
                 fail(f"{path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} there, "

@@ -154,3 +154,4 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
     subprocess.run([sys.executable, "sample.py", "--ckpt", str(sharded), "--out", str(npz), "--labels", "1,2"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert npz.exists()
+
