@@ -127,7 +127,7 @@ def main(args: Args):
     elif out.name.endswith(".npz"):
         save_npz(x, labels, out)
     else:
-        files = save_nifti(x, out)
+        files = save_nifti(x, out, meta.get("affine"))
         out = files[0] if len(files) == 1 else f"{files[0]} ... {files[-1].name}"
     print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {omega}) to {out}")
     if args.eval:

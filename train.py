@@ -23,8 +23,8 @@ from fastmf.cli import fail, resolve_device
 from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
 from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
 from fastmf.config import TrainConfig, parse
-from fastmf.data import EpochSampler, load_dataset
-from fastmf.global_batch import draw_rows
+from fastmf.data import EpochSampler, load_dataset, step_batches, to_model_range
+from fastmf.global_batch import draw_rows, flips, rows_in_order
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS
@@ -58,10 +58,10 @@ def training_options(cfg: TrainConfig) -> dict:
 #                                           Setup                                                  #
 ####################################################################################################
 
-def make_model(cfg: TrainConfig, x: torch.Tensor, num_classes: int) -> Backbone:
-    spatial = tuple(x.shape[2:])
+def make_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backbone:
+    spatial = tuple(sample_shape[1:])
     patch = cfg.model.patch_size or (2 if len(spatial) == 2 else 4)
-    return build(cfg.model.model, cfg.objective.variant, input_size=spatial, in_channels=x.shape[1],
+    return build(cfg.model.model, cfg.objective.variant, input_size=spatial, in_channels=sample_shape[0],
                  num_classes=num_classes, patch_size=patch, attn_backend=cfg.model.attn_backend)
 
 
@@ -81,15 +81,16 @@ class Checkpoints:
     """The run folder's checkpoints: ckpt_STEP.safetensors written by rank 0 (one process, DDP), or
     sharded ckpt_STEP.dcp folders written by every rank (FSDP); the newest `keep` are kept."""
 
-    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone):
-        self.cfg, self.dist, self.model, self.out = cfg, dist, model, Path(cfg.run.out)
+    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone, affine: list | None):
+        self.cfg, self.dist, self.model, self.out, self.affine = cfg, dist, model, Path(cfg.run.out), affine
         self.sharded = cfg.run.parallel == "fsdp"
 
     def exist(self) -> bool:
         return bool(list_sharded(self.out) if self.sharded else list_checkpoints(self.out))
 
     def save(self, state: RunState):
-        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world}
+        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world,
+                "affine": self.affine}
         keep = self.cfg.run.keep_checkpoints
         if self.sharded:
             save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
@@ -191,10 +192,11 @@ def main(cfg: TrainConfig):
              "under torchrun train with the fast step (the default)")
     try:
         rows = dist.rows(cfg.data.batch_size)
-        data = load_dataset(cfg.data.data, size=cfg.data.image_size, seed=cfg.seed)
-        sampler = EpochSampler(len(data.x), cfg.data.batch_size, cfg.seed)
+        data = load_dataset(cfg.data.data, size=cfg.data.image_size, seed=cfg.seed, voxel_size=cfg.data.voxel_size,
+                            skip_bad=cfg.data.skip_bad_files)
+        sampler = EpochSampler(len(data.source), cfg.data.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg, data.x, data.num_classes).to(device)
+        model = make_model(cfg, data.sample_shape, data.num_classes).to(device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
@@ -206,7 +208,7 @@ def main(cfg: TrainConfig):
     if cfg.reference_loss and cfg.model.attn_backend == "auto":
         # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
-    checkpoints = Checkpoints(cfg, dist, model)
+    checkpoints = Checkpoints(cfg, dist, model, data.affine)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints.exist()
     resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
     if resumed != checkpoints.exist():
@@ -241,7 +243,7 @@ def main(cfg: TrainConfig):
     if main_rank:
         n_params = sum(p.numel() for p in params.values())
         print(f"fastmf: {cfg.model.model} ({n_params / 1e6:.2f}M params, {model.spec.num_tokens} tokens) "
-              f"{ocfg.variant} on {cfg.data.data} {tuple(data.x.shape)}, {dist.world} x {device}"
+              f"{ocfg.variant} on {cfg.data.data} ({len(data.source)} x {data.sample_shape}), {dist.world} x {device}"
               f"{', bf16' if use_bf16 else ''}; out {out}")
         if cfg.run.compile and state.step < cfg.run.steps:
             print(f"compiling the train step ({scope} scope) on its first call (--no-compile skips it)")
@@ -263,10 +265,21 @@ def main(cfg: TrainConfig):
             sampler_model = from_record(model.record).to(device)
         return sampler_model, full
 
+    B = cfg.data.batch_size
+    hflip = data.flip if cfg.data.hflip is None else cfg.data.hflip
+    workers = cfg.data.workers if cfg.data.workers is not None else 8 if data.streaming else 0
+    batches = step_batches(data.source, sampler, rows_in_order(rows, B, ocfg.data_proportion), state.step,
+                           lambda s: flips(cfg.seed, s, B) if hflip else torch.zeros(B, dtype=torch.bool),
+                           workers, pin_memory=device.type == "cuda")
+    bad_files = 0
     while state.step < cfg.run.steps:
-        idx = sampler.indices(state.step)                                           # (B,) global batch
-        order, d = draw_rows(data.x.shape[1:], rows, cfg.data.batch_size, cfg.seed, state.step, ocfg, device)
-        x, y = data.x[idx[order]].to(device, non_blocking=True), data.y[idx[order]].to(device, non_blocking=True)
+        try:
+            x, y, bad = next(batches)
+        except ValueError as e:  # a file that does not decode (in a worker: its message is the last line)
+            fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: ") + " (--skip-bad-files skips such files)")
+        bad_files += bad
+        _, d = draw_rows(data.sample_shape, rows, B, cfg.seed, state.step, ocfg, device)
+        x, y = to_model_range(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         lr = warmup_constant_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -289,6 +302,10 @@ def main(cfg: TrainConfig):
                      "extreme values. The checkpoints in --out are kept.")
         state.step += 1
         step, last = state.step, state.step == cfg.run.steps
+        if step % sampler.per_epoch == 0:  # the epoch's summary of skipped files, over all ranks
+            total, bad_files = round(dist.mean({"b": torch.tensor(float(bad_files))})["b"].item() * dist.world), 0
+            if total and main_rank:
+                print(f"epoch {step // sampler.per_epoch}: skipped {total} unreadable file(s)", file=sys.stderr)
         log_now, ckpt_now = step % cfg.run.log_every == 0 or last, step % cfg.run.ckpt_every == 0 or last
         signalled = dist.any(stop.received is not None)
         if log_now:

@@ -58,9 +58,17 @@ class DataOptions:
     """'digits' (embedded 8x8, 10 classes), 'phantom3d' (random head volumes), or a path: image folder,
     NIfTI folder, or .npz / .safetensors arrays."""
     image_size: int | None = None
-    """Resize images / volumes to this size (image folders need it)."""
+    """Images: centre-crop and resize to this size; volumes: crop or pad to this size^3 (folders need it)."""
+    voxel_size: float | None = None
+    """NIfTI: isotropic voxel size in mm to resample to (default: the first volume's coarsest spacing)."""
     batch_size: int = 64
-    """Global batch size."""
+    """Global batch size (divided over the processes under torchrun)."""
+    hflip: bool | None = None
+    """Random horizontal flips of the training samples (default: on for image folders, off otherwise)."""
+    workers: int | None = None
+    """DataLoader processes decoding images per rank (default: 8 for image folders, 0 for data in memory)."""
+    skip_bad_files: bool = False
+    """Skip images that do not decode (counted, a summary line per epoch) instead of stopping with an error."""
 
 
 @dataclass

@@ -32,6 +32,17 @@ def flow_matching_rows(B: int, proportion: float) -> torch.Tensor:
     return marks[1:] > marks[:-1]
 
 
+def rows_in_order(rows: slice, B: int, proportion: float) -> torch.Tensor:
+    """Global rows `rows` of a batch of B in the order a rank works on them: flow-matching first."""
+    fm, mine = flow_matching_rows(B, proportion), torch.arange(rows.start, rows.stop)
+    return torch.cat([mine[fm[mine]], mine[~fm[mine]]])
+
+
+def flips(seed: int, step: int, B: int) -> torch.Tensor:
+    """bool (B,): the random horizontal flips of step `step`'s batch (data augmentation)."""
+    return torch.rand(B, generator=torch.Generator().manual_seed(stream_key(seed, step, -2))) < 0.5
+
+
 def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cfg: ObjectiveConfig,
               device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Draws]:
     """The draws of global rows `rows` of step `step`'s batch of B, flow-matching rows first.
@@ -49,12 +60,11 @@ def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cf
     drop = torch.zeros(B, dtype=torch.bool)
     drop[fm_first[:int(num_drop)]] = True                              # the first num_drop flow-matching rows
 
-    mine = torch.arange(rows.start, rows.stop)
-    order = torch.cat([mine[fm[mine]], mine[~fm[mine]]])               # (b,) flow matching first
+    order = rows_in_order(rows, B, cfg.data_proportion)                # (b,) flow matching first
     noise = torch.stack([torch.randn(sample_shape, device=device, dtype=torch.float32,
                                      generator=torch.Generator(device=device).manual_seed(stream_key(seed, step, g)))
                          for g in order.tolist()])                      # (b, C, *S)
     to = lambda a: a[order].to(device, dtype)
     draws = Draws(to(t), to(r), fm[order].to(device), (noise * cfg.noise_scale).to(dtype), to(omega),
-                  to(t_min), to(t_max), drop[order].to(device), int(fm[mine].sum()))
+                  to(t_min), to(t_max), drop[order].to(device), int(fm[order].sum()))
     return order, draws

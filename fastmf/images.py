@@ -41,8 +41,9 @@ def save_npz(samples: torch.Tensor, labels: torch.Tensor, path: str | Path) -> N
     np.savez(path, samples=samples.float().cpu().numpy(), labels=labels.cpu().numpy())
 
 
-def save_nifti(volumes: torch.Tensor, path: str | Path) -> list[Path]:
-    """Write each (C, D, H, W) volume as its own NIfTI file: name.nii.gz -> name_000.nii.gz, ..."""
+def save_nifti(volumes: torch.Tensor, path: str | Path, affine=None) -> list[Path]:
+    """Write each (C, X, Y, Z) volume as its own NIfTI file: name.nii.gz -> name_000.nii.gz, ...,
+    with `affine` (voxel -> mm; the training grid's) or, without one, 1 mm voxels."""
     import nibabel as nib
     path = Path(path)
     stem = path.name.removesuffix(".nii.gz").removesuffix(".nii")
@@ -50,6 +51,6 @@ def save_nifti(volumes: torch.Tensor, path: str | Path) -> list[Path]:
     for i, v in enumerate(volumes.float().cpu().numpy()):
         data = v[0] if v.shape[0] == 1 else np.moveaxis(v, 0, -1)   # channels last for NIfTI
         f = path.with_name(f"{stem}_{i:03d}.nii.gz")
-        nib.save(nib.Nifti1Image(data, np.eye(4)), str(f))
+        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), str(f))
         out.append(f)
     return out

@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastmf.data import (EpochSampler, load_arrays, load_dataset, load_digits, load_image_folder,
-                         load_nifti_folder, make_phantoms)
+from pathlib import Path
+
+from fastmf.data import (EpochSampler, load_arrays, load_dataset, load_digits, load_volumes, make_phantoms,
+                         step_batches, to_model_range)
+from fastmf.data.image_folder import ImageFolder
 
 
 def test_digits_split_shapes_range_and_disjointness():
@@ -31,10 +34,11 @@ def test_digits_split_shapes_range_and_disjointness():
 
 def test_load_dataset_digits_and_phantoms():
     d = load_dataset("digits")
-    assert d.num_classes == 10 and len(d.x) == 1437 and len(d.x_test) == 360
+    assert d.num_classes == 10 and len(d.source) == 1437 and d.sample_shape == (1, 8, 8) and not d.flip
+    x, y, bad = d.source[(3, False)]
+    assert torch.equal(x, load_digits("train")[0][3]) and bad == 0
     p = load_dataset("phantom3d", size=16, num_phantoms=16)
-    assert p.x.shape == (16, 1, 16, 16, 16) and p.x_test.shape == (2, 1, 16, 16, 16)
-    assert p.num_classes == 1
+    assert len(p.source) == 16 and p.sample_shape == (1, 16, 16, 16) and p.num_classes == 1
     with pytest.raises(ValueError, match="size=16"):
         load_dataset("digits", size=16)
     with pytest.raises(FileNotFoundError, match="'digitz'"):
@@ -65,63 +69,143 @@ def _write_png(path, size=(12, 10), value=128):
     Image.fromarray(np.full(size[::-1] + (3,), value, np.uint8)).save(path)
 
 
-def test_image_folder_classes_crop_and_range(tmp_path):
+def test_image_folder_classes_crop_and_uint8(tmp_path):
     for cls, value in [("cat", 0), ("dog", 255)]:
         (tmp_path / cls).mkdir()
         for i in range(2):
             _write_png(tmp_path / cls / f"{i}.png", value=value)
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
-    x, y, classes = load_image_folder(tmp_path, size=6, channels=3)
-    assert classes == ["cat", "dog"] and y.tolist() == [0, 0, 1, 1]
-    assert x.shape == (4, 3, 6, 6) and x[:2].eq(-1).all() and x[2:].eq(1).all()
+    images = ImageFolder(tmp_path, size=6, channels=3)
+    assert images.classes == ["cat", "dog"] and images.labels.tolist() == [0, 0, 1, 1]
+    x, y, bad = images[(2, False)]
+    assert x.shape == (3, 6, 6) and x.dtype == torch.uint8 and (x == 255).all() and y == 1 and bad == 0
+    assert torch.equal(to_model_range(torch.stack([images[(0, False)][0], x])).amax((1, 2, 3)), torch.tensor([-1.0, 1.0]))
     d = load_dataset(str(tmp_path), size=4, channels=1)
-    assert d.x.shape == (4, 1, 4, 4) and d.num_classes == 2 and d.x_test is None
+    assert d.sample_shape == (1, 4, 4) and d.num_classes == 2 and d.streaming and d.flip
 
 
-def test_image_folder_errors(tmp_path):
+def test_real_photos_folder_and_csv_center_crop_and_flip(tmp_path):
+    """scikit-learn's bundled photos (china.jpg 427x640, flower.jpg), as a folder and as a CSV."""
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images()
+    for name, arr in zip(photos.filenames, photos.images):
+        (tmp_path / "photos" / Path(name).stem).mkdir(parents=True)
+        Image.fromarray(arr).save(tmp_path / "photos" / Path(name).stem / Path(name).name)
+    images = ImageFolder(tmp_path / "photos", size=32)
+    china, _, _ = images[(0, False)]
+    flipped, _, _ = images[(0, True)]
+    assert china.shape == (3, 32, 32) and torch.equal(flipped, china.flip(-1)) and not torch.equal(flipped, china)
+    # ADM centre crop: the short side (427) becomes 32, then the centre 32 columns of the long side.
+    ref = np.asarray(Image.fromarray(photos.images[0]).resize((48, 32), Image.Resampling.BICUBIC))[:, 8:40]
+    assert np.abs(china.permute(1, 2, 0).numpy().astype(int) - ref.astype(int)).mean() < 12
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nphotos/china/china.jpg,3\nphotos/flower/flower.jpg,1\n")
+    listed = ImageFolder(csv, size=32)
+    assert len(listed) == 2 and listed.num_classes == 4 and torch.equal(listed[(0, False)][0], china)
+    csv.write_text("photos/china/china.jpg,cat\n")
+    with pytest.raises(ValueError, match="list.csv line 1: expected 'path,label'"):
+        ImageFolder(csv, size=32)
+    csv.write_text("photos/none.jpg,0\n")
+    with pytest.raises(ValueError, match="list.csv line 1: no file"):
+        ImageFolder(csv, size=32)
+
+
+def test_image_folder_errors_and_skipped_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
-        load_image_folder(tmp_path / "missing", size=8)
+        ImageFolder(tmp_path / "missing", size=8)
     with pytest.raises(ValueError, match="no .png/.jpg/.jpeg images"):
-        load_image_folder(tmp_path, size=8)
-    _write_png(tmp_path / "a.png")
-    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(ValueError, match="cannot read image .*b.png"):
-        load_image_folder(tmp_path, size=8)
+        ImageFolder(tmp_path, size=8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_png(tmp_path / "a" / "1.png")
+    with pytest.raises(ValueError, match="no .png/.jpg/.jpeg images in .*b"):  # an empty class folder
+        ImageFolder(tmp_path, size=8)
+    (tmp_path / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="cannot read image .*2.png"):
+        ImageFolder(tmp_path, size=8)[(1, False)]
+    x, y, bad = ImageFolder(tmp_path, size=8, skip_bad=True)[(1, False)]  # replaced by the next readable one
+    assert bad == 1 and y == 0 and x.shape == (3, 8, 8)
     with pytest.raises(ValueError, match="needs an image size"):
         load_dataset(str(tmp_path))
 
 
-def _write_nifti(path, vol):
-    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(path))
+def _write_nifti(path, vol, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), str(path))
 
 
-def test_nifti_folder_minmax_resize_and_errors(tmp_path):
+NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_nifti_volumes_keep_their_geometry(tmp_path):
+    """nibabel's own test volumes: mixed shapes, spacings and orientations to one RAS+ grid."""
+    import shutil
+    for name in ("anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"):
+        shutil.copy(NIB_DATA / name, tmp_path / name)  # 2 mm LAS 33x41x25, 4 mm RAS, 1x3x2 mm RAS 4x5x7
+    x, y, affine, voxel = load_volumes(tmp_path, size=16, voxel_size=4.0)
+    assert x.shape == (3, 1, 16, 16, 16) and x.min() >= -1 and x.max() <= 1 and y.tolist() == [0, 0, 0]
+    assert nib.aff2axcodes(affine) == ("R", "A", "S") and np.allclose(np.linalg.norm(affine[:3, :3], axis=0), 4.0)
+    # Geometry is exact: the grid's voxel centre maps to the scanner point the source volume has there.
+    src = nib.as_closest_canonical(nib.load(str(NIB_DATA / "anatomical.nii")))
+    data = src.get_fdata()
+    q = np.array([8, 8, 8, 1.0])
+    i = np.linalg.solve(src.affine, affine @ q)[:3]  # source voxel index of that scanner point
+    assert np.allclose(i, np.round(i))               # 4 mm grid on a 2 mm volume: lands on a voxel
+    lo, hi = np.percentile(data, (0.5, 99.5))
+    expected = (np.clip(data[tuple(np.round(i).astype(int))], lo, hi) - lo) / (hi - lo) * 2 - 1
+    assert float(x[0, 0, 8, 8, 8]) == pytest.approx(expected, abs=1e-5)
+    d = load_dataset(str(tmp_path), size=16)  # default voxel size: the first volume's coarsest spacing (2 mm)
+    assert np.allclose(np.linalg.norm(np.asarray(d.affine)[:3, :3], axis=0), 2.0)
+
+
+def test_nifti_errors(tmp_path):
+    import shutil
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(NIB_DATA / "resampled_anat_moved.nii", real)  # nibabel's: holds NaN voxels
+    with pytest.raises(ValueError, match="resampled_anat_moved.nii contains NaN or inf"):
+        load_volumes(real, size=4)
+    shutil.copy(NIB_DATA / "example4d.nii.gz", real / "a.nii.gz")  # a 4D series
+    with pytest.raises(ValueError, match=r"a.nii.gz has shape \(128, 96, 24, 2\): expected one 3D volume"):
+        load_volumes(real, size=4)
     rng = np.random.default_rng(0)
     _write_nifti(tmp_path / "a.nii.gz", rng.uniform(3, 7, (6, 5, 4)))
-    _write_nifti(tmp_path / "b.nii", rng.uniform(-100, 0, (6, 5, 4)))
-    x, y = load_nifti_folder(tmp_path)
-    assert x.shape == (2, 1, 6, 5, 4) and y.tolist() == [0, 0]
-    assert x.amin(dim=(1, 2, 3, 4)).tolist() == [-1, -1]
-    assert x.amax(dim=(1, 2, 3, 4)).tolist() == [1, 1]
-    d = load_dataset(str(tmp_path), size=8)
-    assert d.x.shape == (2, 1, 8, 8, 8) and d.num_classes == 1
-
-    _write_nifti(tmp_path / "c.nii.gz", rng.uniform(0, 1, (6, 5, 5)))
-    with pytest.raises(ValueError, match=r"c.nii.gz has shape \(6, 5, 5\) but a.nii.gz has \(6, 5, 4"):
-        load_nifti_folder(tmp_path)
-    (tmp_path / "c.nii.gz").write_bytes(gzip.compress(b"garbage" * 100))
-    with pytest.raises(ValueError, match="cannot read NIfTI volume .*c.nii.gz"):
-        load_nifti_folder(tmp_path)
-    (tmp_path / "c.nii.gz").unlink()
-    # Truncated: a valid header whose voxel data stops short.
-    raw = (tmp_path / "b.nii").read_bytes()
-    (tmp_path / "b.nii").write_bytes(raw[: len(raw) - 40])
+    _write_nifti(tmp_path / "b.nii", rng.uniform(0, 1, (6, 5, 4, 3)))  # 4D
+    with pytest.raises(ValueError, match=r"b.nii has shape \(6, 5, 4, 3\): expected one 3D volume"):
+        load_volumes(tmp_path, size=4)
+    bad = rng.uniform(0, 1, (6, 5, 4))
+    bad[1, 1, 1] = np.nan
+    _write_nifti(tmp_path / "b.nii", bad)
+    with pytest.raises(ValueError, match="b.nii contains NaN or inf"):
+        load_volumes(tmp_path, size=4)
+    (tmp_path / "b.nii").write_bytes(gzip.compress(b"garbage" * 100))
     with pytest.raises(ValueError, match="cannot read NIfTI volume .*b.nii"):
-        load_nifti_folder(tmp_path)
+        load_volumes(tmp_path, size=4)
+    _write_nifti(tmp_path / "b.nii", np.ones((6, 5, 4)))
+    with pytest.raises(ValueError, match="b.nii is constant"):
+        load_volumes(tmp_path, size=4)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no .nii/.nii.gz volumes in .*empty"):
-        load_nifti_folder(empty)
+        load_volumes(empty, size=4)
+
+
+def test_step_batches_resume_mid_epoch_and_use_workers(tmp_path):
+    """The loader's batches are a function of the step: resuming at step 5 (mid-epoch) gives what
+    an uninterrupted run sees, with or without worker processes."""
+    for i in range(12):
+        _write_png(tmp_path / f"{i:02d}.png", value=i * 20)
+    images = ImageFolder(tmp_path, size=4)
+    sampler = EpochSampler(len(images), 4, seed=3)   # 3 steps per epoch
+    rows = torch.tensor([2, 0, 3, 1])
+    flip_of = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s)) < 0.5
+    straight = step_batches(images, sampler, rows, 0, flip_of, workers=0, pin_memory=False)
+    ref = [next(straight) for _ in range(8)]
+    resumed = step_batches(images, EpochSampler(len(images), 4, seed=3), rows, 5, flip_of, workers=2, pin_memory=False)
+    for step in range(5, 8):
+        x, y, bad = next(resumed)
+        assert torch.equal(x, ref[step][0]) and torch.equal(y, ref[step][1]) and bad == 0
+    values = ref[0][0].float().mean((1, 2, 3)) / 20
+    assert torch.equal(values.round().long(), sampler.indices(0)[rows])  # rows in the order asked
 
 
 def test_arrays_npz_safetensors_shards_and_errors(tmp_path):
@@ -132,7 +216,7 @@ def test_arrays_npz_safetensors_shards_and_errors(tmp_path):
     xs, ys = load_arrays(tmp_path)
     assert xs.shape == (8, 4, 2, 2) and xs.dtype == torch.float32
     assert torch.equal(xs[:5], torch.from_numpy(x)) and ys.tolist() == [0, 1, 2, 3, 4, 7, 0, 1]
-    assert load_dataset(str(tmp_path)).num_classes == 8
+    assert load_dataset(str(tmp_path)).num_classes == 8 and len(load_dataset(str(tmp_path)).source) == 8
     xa, ya = load_arrays(tmp_path / "a.npz")
     assert len(xa) == 5 and ya.dtype == torch.int64
 

@@ -1,0 +1,72 @@
+"""Array files (.npz / .safetensors with arrays x and optional y), one file or a folder of shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmf.data.files import ARRAY_SUFFIXES, _files
+
+MAX_CLASSES = 100_000  # a larger label is a mistake, not a class count (the label table grows with it)
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _read_arrays(file: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        if file.name.endswith(".npz"):
+            with np.load(file, allow_pickle=False) as z:  # never unpickle user files
+                arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+        else:
+            from safetensors.torch import load_file
+
+            arrays = load_file(file)
+    except Exception as e:  # zipfile, numpy and safetensors each raise their own types
+        raise ValueError(f"cannot read array file {file}: {e}") from e
+    if "x" not in arrays:
+        raise ValueError(f"array file {file} has no array 'x' (found: {sorted(arrays)})")
+    x, y = arrays["x"], arrays.get("y")
+    if x.ndim not in (4, 5) or not x.is_floating_point():
+        raise ValueError(f"'x' in {file} is {x.dtype} of shape {tuple(x.shape)}, expected floats "
+                         f"of shape (N, C, H, W) or (N, C, D, H, W)")
+    if len(x) == 0:
+        raise ValueError(f"'x' in {file} has no samples")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"'x' in {file} holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+    if y is not None and (y.shape != (len(x),) or y.dtype not in _INT_DTYPES or y.min() < 0):
+        raise ValueError(f"'y' in {file} is {y.dtype} of shape {tuple(y.shape)}, expected "
+                         f"{len(x)} non-negative integer labels")
+    if y is not None and y.max() >= MAX_CLASSES:
+        raise ValueError(f"'y' in {file} has label {int(y.max())}: labels must lie in [0, {MAX_CLASSES}) "
+                         "(the class count is the largest label + 1)")
+    return x.float(), None if y is None else y.long()
+
+
+def load_arrays(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A .npz / .safetensors file (array `x`, optional `y`), or a folder of such shards.
+
+    Shards are read in name order and concatenated; x keeps its values (no rescaling), as
+    float32; y defaults to zeros when no shard has it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"array file or folder {p} does not exist")
+    files = _files(p, ARRAY_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"no .npz/.safetensors shards in {p}")
+    if not files[0].name.lower().endswith(ARRAY_SUFFIXES):
+        raise ValueError(f"{p} is not a .npz or .safetensors file")
+    parts = [(files[0], *_read_arrays(files[0]))]
+    for f in files[1:]:
+        parts.append((f, *_read_arrays(f)))
+        (f0, x0, y0), (_, x, y) = parts[0], parts[-1]
+        if x.shape[1:] != x0.shape[1:]:
+            raise ValueError(f"'x' in shard {f} has sample shape {tuple(x.shape[1:])} but "
+                             f"{f0.name} has {tuple(x0.shape[1:])}")
+        if (y is None) != (y0 is None):
+            raise ValueError(f"shard {f} {'lacks' if y is None else 'has'} labels 'y' but "
+                             f"{f0.name} {'has' if y is None else 'lacks'} them")
+    x = torch.cat([x for _, x, _ in parts])
+    if parts[0][2] is None:
+        return x, torch.zeros(len(x), dtype=torch.int64)
+    return x, torch.cat([y for *_, y in parts])
