@@ -48,6 +48,9 @@ class Args:
     """Seed of the starting noise."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', ..."""
+    vae: str | None = None
+    """Latent models: decode the samples to images with this local diffusers AutoencoderKL folder (the
+    training latents' scaling factor, recorded in the checkpoint, is undone first)."""
     eval: bool = False
     """Digits only: print the classifier-agreement / Frechet report of the samples."""
 
@@ -106,6 +109,8 @@ def main(args: Args):
     num_classes, spec = model.spec.num_classes, model.spec
     if args.eval and (spec.in_channels, spec.input_size, num_classes) != (1, (8, 8), 10):
         fail("--eval judges digits: this model does not make 1x8x8 images of 10 classes")
+    if args.vae and (len(spec.input_size) != 2 or out.name.endswith((".nii.gz", ".nii"))):
+        fail("--vae decodes 2D latents to images: this model or --out is not for images")
     if out.name.endswith((".nii.gz", ".nii")) and len(spec.input_size) != 3:
         fail("NIfTI output needs a 3D (volume) model")
     if args.labels:
@@ -121,6 +126,12 @@ def main(args: Args):
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=g).to(device)
     x = sample(functional(model), params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
+    if args.vae:
+        from fastmf.prepare_latents import load_vae
+        vae = load_vae(args.vae, device)
+        scale = meta.get("scaling_factor") or float(vae.config.scaling_factor)
+        with torch.no_grad():
+            x = vae.decode(x / scale).sample.clamp(-1, 1)                          # (B, 3, H, W) in [-1, 1]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))

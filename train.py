@@ -81,16 +81,15 @@ class Checkpoints:
     """The run folder's checkpoints: ckpt_STEP.safetensors written by rank 0 (one process, DDP), or
     sharded ckpt_STEP.dcp folders written by every rank (FSDP); the newest `keep` are kept."""
 
-    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone, affine: list | None):
-        self.cfg, self.dist, self.model, self.out, self.affine = cfg, dist, model, Path(cfg.run.out), affine
+    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone, data_meta: dict):
+        self.cfg, self.dist, self.model, self.out, self.data_meta = cfg, dist, model, Path(cfg.run.out), data_meta
         self.sharded = cfg.run.parallel == "fsdp"
 
     def exist(self) -> bool:
         return bool(list_sharded(self.out) if self.sharded else list_checkpoints(self.out))
 
     def save(self, state: RunState):
-        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world,
-                "affine": self.affine}
+        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world} | self.data_meta
         keep = self.cfg.run.keep_checkpoints
         if self.sharded:
             save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
@@ -208,7 +207,8 @@ def main(cfg: TrainConfig):
     if cfg.reference_loss and cfg.model.attn_backend == "auto":
         # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
-    checkpoints = Checkpoints(cfg, dist, model, data.affine)
+    # What sample.py needs to write samples back in the data's terms: volume geometry, the latent scale.
+    checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "scaling_factor": data.scaling_factor})
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints.exist()
     resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
     if resumed != checkpoints.exist():

@@ -6,7 +6,8 @@
 Sources: "digits" (scikit-learn's 8x8 digits, 10 classes, in memory), "phantom3d" (random head
 volumes), an image folder in the ImageNet layout or a CSV of path,label (decoded lazily in
 DataLoader workers, uint8), a folder of NIfTI volumes (resampled with their geometry), array
-files .npz / .safetensors (e.g. latents; x as stored). Bad input is a one-line ValueError /
+files .npz / .safetensors (x as stored; a folder of .safetensors shards, e.g. VAE latents from
+fastmf.prepare_latents, is read row by row through memory mapping). Bad input is a one-line ValueError /
 FileNotFoundError naming the culprit.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmf.data.arrays import MAX_CLASSES, load_arrays
+from fastmf.data.arrays import MAX_CLASSES, LatentShards, load_arrays
 from fastmf.data.builtin import load_digits, make_phantoms
 from fastmf.data.files import ARRAY_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, _files
 from fastmf.data.image_folder import ImageFolder
@@ -34,6 +35,7 @@ class Data:
     streaming: bool                    # decoded on demand (worth DataLoader workers) or in memory
     flip: bool                         # random horizontal flips by default (photos only)
     affine: list | None = None         # volumes: the training grid's voxel -> mm (RAS+) affine
+    scaling_factor: float | None = None  # latents: the VAE's latent scale (sample.py --vae divides by it)
 
 
 def in_memory(x: torch.Tensor, y: torch.Tensor, num_classes: int, affine=None) -> Data:
@@ -61,9 +63,12 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
             raise ValueError(f"image folder {p} needs an image size: pass --image-size")
         images = ImageFolder(p, size, 3 if channels is None else channels, skip_bad)
         return Data(images, images.num_classes, images.sample_shape, True, True)
+    if p.is_dir() and _files(p, ARRAY_SUFFIXES) and _files(p, NIFTI_SUFFIXES):
+        raise ValueError(f"{p} holds both NIfTI volumes and array shards; keep one kind")
+    if p.is_dir() and _files(p, (".safetensors",)) and not _files(p, (".npz",)):
+        shards = LatentShards(p)  # memory-mapped, row by row
+        return Data(shards, shards.num_classes, shards.sample_shape, True, False, scaling_factor=shards.scaling_factor)
     if p.is_file() or _files(p, ARRAY_SUFFIXES):
-        if p.is_dir() and _files(p, NIFTI_SUFFIXES):
-            raise ValueError(f"{p} holds both NIfTI volumes and array shards; keep one kind")
         x, y = load_arrays(p)
         return in_memory(x, y, int(y.max()) + 1)
     if size is None:

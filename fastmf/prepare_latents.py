@@ -1,0 +1,91 @@
+"""Encode an image folder into VAE latent shards for training (what iMF and MF train on).
+
+    python -m fastmf.prepare_latents IMAGES OUT --vae PATH [--image-size 256]
+
+IMAGES: an image folder (class subfolders) or a CSV of path,label; PATH: a local diffusers
+AutoencoderKL folder (config.json + weights, e.g. stabilityai/sd-vae-ft-mse or -ema downloaded on a
+machine with internet). Images are prepared as the references do (ADM centre crop, [-1, 1]),
+encoded to the posterior mean and multiplied by the VAE's scaling factor (0.18215 for the SD
+VAEs). OUT gets shard_00000.safetensors, ... (x float32 (n, 4, size/8, size/8), y int64 (n,),
+the scaling factor in the metadata), each written atomically: a killed run resumes where it
+stopped (finished shards are kept). Train with `train.py --data OUT`; decode samples with
+`sample.py --vae PATH`. (The MF JAX code caches mean and std and draws from the posterior each
+step; fastmf stores the mean.)
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastmf.cli import fail, resolve_device
+from fastmf.data.image_folder import ImageFolder
+from fastmf.data.loader import to_model_range
+
+
+def load_vae(path: str, device: torch.device):
+    """A diffusers AutoencoderKL from a local folder, frozen, in eval mode; a one-line error otherwise."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        fail(f"--vae {path}: expected a local diffusers AutoencoderKL folder with config.json and weights")
+    try:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # diffusers raises many types for missing or mismatched weights
+        fail(f"--vae {path}: cannot load an AutoencoderKL: {str(e).splitlines()[0]}")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def shard_file(out: Path, k: int) -> Path:
+    return out / f"shard_{k:05d}.safetensors"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", help="image folder (class subfolders) or CSV of path,label")
+    p.add_argument("out", help="output folder for the latent shards")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
+    p.add_argument("--image-size", type=int, default=256, help="centre crop and resize to this size")
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if min(args.image_size, args.batch_size, args.shard_size) < 1 or args.workers < 0:
+        fail("--image-size, --batch-size and --shard-size must be >= 1, --workers >= 0")
+    device = resolve_device(args.device)
+    try:
+        images = ImageFolder(args.images, args.image_size)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    vae = load_vae(args.vae, device)
+    scale = float(vae.config.scaling_factor)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    n_shards = -(-len(images) // args.shard_size)
+    todo = [k for k in range(n_shards) if not shard_file(out, k).exists()]
+    print(f"{len(images)} images -> {n_shards} shards in {out} ({n_shards - len(todo)} already there)")
+    for k in tqdm(todo, desc="shards", disable=None):
+        rows = range(k * args.shard_size, min((k + 1) * args.shard_size, len(images)))
+        loader = torch.utils.data.DataLoader([(i, False) for i in rows], batch_size=args.batch_size,
+                                             num_workers=args.workers, collate_fn=lambda keys: [images[key] for key in keys])
+        xs, ys = [], []
+        try:
+            for items in loader:
+                x = torch.stack([it[0] for it in items]).to(device)
+                with torch.no_grad():
+                    xs.append((vae.encode(to_model_range(x)).latent_dist.mean * scale).float().cpu())
+                ys.append(torch.stack([it[1] for it in items]))
+        except ValueError as e:
+            fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: "))
+        tmp = shard_file(out, k).with_suffix(".tmp")
+        save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys)}, str(tmp),
+                  metadata={"scaling_factor": str(scale), "image_size": str(args.image_size), "vae": str(args.vae)})
+        tmp.replace(shard_file(out, k))
+    print(f"done: train with `python train.py --data {out}`")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
