@@ -50,7 +50,7 @@ class Args:
     """'auto' (CUDA if available), 'cpu', 'cuda', ..."""
     vae: str | None = None
     """Latent models: decode the samples to images with this local diffusers AutoencoderKL folder (the
-    training latents' scaling factor, recorded in the checkpoint, is undone first)."""
+    training latents' normalisation, recorded in the checkpoint, is undone first)."""
     eval: bool = False
     """Digits only: print the classifier-agreement / Frechet report of the samples."""
 
@@ -129,9 +129,10 @@ def main(args: Args):
     if args.vae:
         from fastmf.prepare_latents import load_vae
         vae = load_vae(args.vae, device)
-        scale = meta.get("scaling_factor") or float(vae.config.scaling_factor)
+        from fastmf.data.arrays import denormalise_latent
+        norm = meta.get("latent_norm") or {"kind": "scale", "scaling_factor": float(vae.config.scaling_factor)}
         with torch.no_grad():
-            x = vae.decode(x / scale).sample.clamp(-1, 1)                          # (B, 3, H, W) in [-1, 1]
+            x = vae.decode(denormalise_latent(x, norm)).sample.clamp(-1, 1)       # (B, 3, H, W) in [-1, 1]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))

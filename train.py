@@ -24,7 +24,8 @@ from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoin
 from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
 from fastmf.config import TrainConfig, parse
 from fastmf.data import EpochSampler, load_dataset, step_batches, to_model_range
-from fastmf.global_batch import draw_rows, flips, rows_in_order
+from fastmf.data.loader import flips
+from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS
@@ -208,7 +209,7 @@ def main(cfg: TrainConfig):
         # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
     # What sample.py needs to write samples back in the data's terms: volume geometry, the latent scale.
-    checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "scaling_factor": data.scaling_factor})
+    checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "latent_norm": data.latent_norm})
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints.exist()
     resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
     if resumed != checkpoints.exist():
@@ -270,7 +271,7 @@ def main(cfg: TrainConfig):
     workers = cfg.data.workers if cfg.data.workers is not None else 8 if data.streaming else 0
     batches = step_batches(data.source, sampler, rows_in_order(rows, B, ocfg.data_proportion), state.step,
                            lambda s: flips(cfg.seed, s, B) if hflip else torch.zeros(B, dtype=torch.bool),
-                           workers, pin_memory=device.type == "cuda")
+                           workers, pin_memory=device.type == "cuda", seed=cfg.seed)
     bad_files = 0
     while state.step < cfg.run.steps:
         try:

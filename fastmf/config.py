@@ -64,7 +64,8 @@ class DataOptions:
     batch_size: int = 64
     """Global batch size (divided over the processes under torchrun)."""
     hflip: bool | None = None
-    """Random horizontal flips of the training samples (default: on for image folders, off otherwise)."""
+    """Random horizontal flips of the training samples, keyed by (seed, step, row). Default off: the iMF,
+    pMF and MF input pipelines have a flip flag but run without it (latents: the flag is never read)."""
     workers: int | None = None
     """DataLoader processes decoding images per rank (default: 8 for image folders, 0 for data in memory)."""
     skip_bad_files: bool = False

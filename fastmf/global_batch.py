@@ -15,15 +15,8 @@ mean over rows, so the order does not change it.
 """
 import torch
 
+from fastmf.data.loader import stream_key
 from fastmf.objectives import Draws, ObjectiveConfig, draw_conditions, sample_t_r
-
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)  # splitmix64 multipliers: distinct keys for (seed, step, row)
-
-
-def stream_key(seed: int, step: int, row: int = -1) -> int:
-    """A 63-bit generator seed for (seed, step) (row -1: the batch's scalars) or for one row's noise."""
-    return ((((seed + 1) * _MIX[0] + step) * _MIX[1]) + row + 1) % 2**63
-
 
 def flow_matching_rows(B: int, proportion: float) -> torch.Tensor:
     """bool (B,): int(B * proportion) rows spread evenly (floor((g + 1) p) > floor(g p))."""
@@ -36,11 +29,6 @@ def rows_in_order(rows: slice, B: int, proportion: float) -> torch.Tensor:
     """Global rows `rows` of a batch of B in the order a rank works on them: flow-matching first."""
     fm, mine = flow_matching_rows(B, proportion), torch.arange(rows.start, rows.stop)
     return torch.cat([mine[fm[mine]], mine[~fm[mine]]])
-
-
-def flips(seed: int, step: int, B: int) -> torch.Tensor:
-    """bool (B,): the random horizontal flips of step `step`'s batch (data augmentation)."""
-    return torch.rand(B, generator=torch.Generator().manual_seed(stream_key(seed, step, -2))) < 0.5
 
 
 def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cfg: ObjectiveConfig,

@@ -3,16 +3,17 @@
     python -m fastmf.prepare_latents IMAGES OUT --vae PATH [--image-size 256]
 
 IMAGES: an image folder (class subfolders) or a CSV of path,label; PATH: a local diffusers
-AutoencoderKL folder (config.json + weights, e.g. stabilityai/sd-vae-ft-mse or -ema downloaded on a
-machine with internet). Images are prepared as the references do (ADM centre crop, [-1, 1]),
-encoded to the posterior mean and multiplied by the VAE's scaling factor (0.18215 for the SD
-VAEs). OUT gets shard_00000.safetensors, ... (x float32 (n, 4, size/8, size/8), y int64 (n,),
-the scaling factor in the metadata), each written atomically: a killed run resumes where it
-stopped (finished shards are kept). Train with `train.py --data OUT`; decode samples with
-`sample.py --vae PATH`. (The MF JAX code caches mean and std and draws from the posterior each
-step; fastmf stores the mean.)
+AutoencoderKL folder (config.json + weights, e.g. stabilityai/sd-vae-ft-mse, which both MF and iMF
+use, downloaded on a machine with internet). As the references do: images are prepared with ADM's
+centre crop to [-1, 1] (no flip), the posterior's mean and std are stored, and training draws a
+fresh latent mean + std * eps each step, normalised as --norm says: 'sd' multiplies by the VAE's
+scaling factor (0.18215: MF), 'imf' maps each channel by iMF's constants (z - m) / s. OUT gets
+shard_00000.safetensors, ... (mean, std float32 (n, 4, size/8, size/8), y int64 (n,), the
+normalisation in the metadata), each written atomically: a killed run resumes where it stopped.
+Train with `train.py --data OUT`; decode samples with `sample.py --vae PATH`.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from tqdm import tqdm
 from fastmf.cli import fail, resolve_device
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import to_model_range
+
+
+# iMF's per-channel latent statistics of sd-vae-ft-mse on ImageNet (imeanflow utils/vae_util.py)
+IMF_MEAN = [0.86488, -0.27787343, 0.21616915, 0.3738409]
+IMF_STD = [4.85503674, 5.31922414, 3.93725398, 3.9870003]
 
 
 def load_vae(path: str, device: torch.device):
@@ -50,6 +56,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard")
     p.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
+    p.add_argument("--norm", choices=["sd", "imf"], default="sd",
+                   help="latent normalisation: 'sd' times the VAE's scaling factor (MF), 'imf' iMF's per-channel constants")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if min(args.image_size, args.batch_size, args.shard_size) < 1 or args.workers < 0:
@@ -60,7 +68,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     vae = load_vae(args.vae, device)
-    scale = float(vae.config.scaling_factor)
+    norm = ({"kind": "scale", "scaling_factor": float(vae.config.scaling_factor)} if args.norm == "sd"
+            else {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -71,18 +80,21 @@ def main(argv=None):
         rows = range(k * args.shard_size, min((k + 1) * args.shard_size, len(images)))
         loader = torch.utils.data.DataLoader([(i, False) for i in rows], batch_size=args.batch_size,
                                              num_workers=args.workers, collate_fn=lambda keys: [images[key] for key in keys])
-        xs, ys = [], []
+        means, stds, ys = [], [], []
         try:
             for items in loader:
                 x = torch.stack([it[0] for it in items]).to(device)
                 with torch.no_grad():
-                    xs.append((vae.encode(to_model_range(x)).latent_dist.mean * scale).float().cpu())
+                    posterior = vae.encode(to_model_range(x)).latent_dist
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
                 ys.append(torch.stack([it[1] for it in items]))
         except ValueError as e:
             fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: "))
         tmp = shard_file(out, k).with_suffix(".tmp")
-        save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys)}, str(tmp),
-                  metadata={"scaling_factor": str(scale), "image_size": str(args.image_size), "vae": str(args.vae)})
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "y": torch.cat(ys)},
+                  str(tmp), metadata={"latent_norm": json.dumps(norm), "image_size": str(args.image_size),
+                                      "vae": str(args.vae)})
         tmp.replace(shard_file(out, k))
     print(f"done: train with `python train.py --data {out}`")
 

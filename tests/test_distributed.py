@@ -155,3 +155,10 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert npz.exists()
 
+
+
+def test_the_weight_guard_catches_ranks_that_differ():
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/dist_guard_worker.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 0: caught" in r.stdout and "rank 1: caught" in r.stdout

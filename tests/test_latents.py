@@ -1,5 +1,6 @@
 """Latents: prepare_latents with a randomly initialised diffusers AutoencoderKL (no weights can be
 downloaded here), memory-mapped shards, training on them and decoding samples with sample.py --vae."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,14 +48,16 @@ def test_prepare_latents_train_and_decode(tmp_path):
     shards = sorted(lat.glob("shard_*.safetensors"))
     assert [s.name for s in shards] == ["shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
     with safe_open(str(shards[0]), framework="pt") as f:
-        x0, y0, meta = f.get_tensor("x"), f.get_tensor("y"), f.metadata()
-    assert x0.shape == (4, 4, 8, 8) and y0.tolist() == [0, 0, 0, 0] and float(meta["scaling_factor"]) == 0.18215
-    # The shard holds the scaled posterior mean of the centre-cropped image.
+        mean0, std0, y0, meta = f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("y"), f.metadata()
+    assert mean0.shape == std0.shape == (4, 4, 8, 8) and y0.tolist() == [0, 0, 0, 0]
+    assert json.loads(meta["latent_norm"]) == {"kind": "scale", "scaling_factor": 0.18215}
+    # The shard holds the posterior of the centre-cropped image.
     from fastmf.data.image_folder import ImageFolder
     img = ImageFolder(tmp_path / "img", 16)[(1, False)][0].float()[None] / 127.5 - 1
     with torch.no_grad():
-        ref = vae.encode(img).latent_dist.mean * 0.18215
-    torch.testing.assert_close(x0[1:2], ref, rtol=1e-4, atol=1e-5)
+        posterior = vae.encode(img).latent_dist
+    torch.testing.assert_close(mean0[1:2], posterior.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std0[1:2], posterior.std, rtol=1e-4, atol=1e-5)
     shards[2].unlink()  # a killed run: the missing shard is made again, the others are kept
     mtime = shards[0].stat().st_mtime_ns
     r = run("-m", "fastmf.prepare_latents", str(tmp_path / "img"), str(lat), "--vae", str(tmp_path / "vae"),
@@ -63,7 +66,12 @@ def test_prepare_latents_train_and_decode(tmp_path):
 
     data = load_dataset(str(lat))
     assert len(data.source) == 10 and data.num_classes == 2 and data.sample_shape == (4, 8, 8)
-    assert data.scaling_factor == 0.18215 and data.streaming
+    assert data.latent_norm["scaling_factor"] == 0.18215 and data.streaming
+    # Each (seed, step, row) key draws its own latent from the posterior: mean + std * eps, scaled.
+    a, b, again = data.source[(1, False, 7)][0], data.source[(1, False, 8)][0], data.source[(1, False, 7)][0]
+    eps = torch.randn(mean0[1].shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, (mean0[1] + std0[1] * eps) * 0.18215)
+    assert torch.equal(a, again) and not torch.equal(a, b)
     assert data.source[(9, False)][1] == 1
 
     out = tmp_path / "run"
@@ -102,3 +110,13 @@ def test_missing_vae_is_a_one_line_error(tmp_path):
                         "--vae", str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "expected a local diffusers AutoencoderKL folder" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_imf_channel_normalisation_round_trips():
+    from fastmf.data.arrays import denormalise_latent, normalise_latent
+    from fastmf.prepare_latents import IMF_MEAN, IMF_STD
+    norm = {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD}
+    z = torch.randn(4, 3, 3) * 5
+    x = normalise_latent(z, norm)
+    torch.testing.assert_close(x[1], (z[1] - IMF_MEAN[1]) / IMF_STD[1])
+    torch.testing.assert_close(denormalise_latent(x[None], norm)[0], z)

@@ -72,51 +72,76 @@ def load_arrays(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.cat([y for *_, y in parts])
 
 
-class LatentShards(torch.utils.data.Dataset):
-    """A folder of .safetensors shards (arrays x (n, C, H, W), optional y (n,)) read row by row
-    through safetensors' memory mapping: nothing is loaded whole, resident memory stays flat.
+def normalise_latent(z: torch.Tensor, norm: dict | None) -> torch.Tensor:
+    """VAE latent z (C, H, W) -> training scale: SD's z * scaling_factor (MF) or per-channel
+    (z - mean) / std (iMF's constants); `norm` None: as it is."""
+    if norm is None:
+        return z
+    if norm["kind"] == "scale":
+        return z * norm["scaling_factor"]
+    shape = (-1,) + (1,) * (z.dim() - 1)
+    return (z - torch.tensor(norm["mean"]).reshape(shape)) / torch.tensor(norm["std"]).reshape(shape)
 
-    Each shard is checked once at open (shapes, labels, and every value finite, read in chunks).
-    The shards' metadata may carry `scaling_factor` (fastmf.prepare_latents writes the VAE's).
+
+def denormalise_latent(x: torch.Tensor, norm: dict) -> torch.Tensor:
+    """Inverse of normalise_latent for a batch (B, C, H, W)."""
+    if norm["kind"] == "scale":
+        return x / norm["scaling_factor"]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * torch.tensor(norm["std"], device=x.device).reshape(shape) + torch.tensor(norm["mean"], device=x.device).reshape(shape)
+
+
+class LatentShards(torch.utils.data.Dataset):
+    """A folder of .safetensors shards read row by row through safetensors' memory mapping:
+    nothing is loaded whole, resident memory stays flat.
+
+    A shard holds either `x` (n, C, *S), taken as stored, or a VAE's posterior `mean` and `std`
+    (n, C, H, W) as fastmf.prepare_latents writes them (as the MF and iMF references cache them):
+    then each step draws a fresh latent mean + std * eps, eps keyed by (seed, step, row), and
+    normalises it as the shard's metadata `latent_norm` says. Optional labels `y` (n,). Each shard
+    is checked once at open (shapes, labels, every value finite, read in chunks).
     """
 
     CHUNK = 4096
 
     def __init__(self, folder: str | Path):
+        import json
         from safetensors import safe_open
         self.files = [f for f in _files(Path(folder), (".safetensors",))]
         if not self.files:
             raise ValueError(f"no .safetensors shards in {folder}")
-        self.counts, self.has_y, self.scaling_factor, self.sample_shape, max_label = [], None, None, None, 0
+        self.counts, self.has_y, self.latent_norm, self.sample_shape, max_label = [], None, None, None, 0
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt") as s:
                     keys, meta = set(s.keys()), s.metadata() or {}
-                    x = s.get_slice("x") if "x" in keys else None
-                    if x is None:
-                        raise ValueError(f"shard {f} has no array 'x' (found: {sorted(keys)})")
-                    shape = tuple(x.get_shape())
-                    if len(shape) not in (4, 5) or shape[0] == 0:
-                        raise ValueError(f"'x' in shard {f} has shape {shape}, expected (N, C, H, W) or (N, C, D, H, W)")
-                    for a in range(0, shape[0], self.CHUNK):
-                        if not torch.isfinite(x[a:a + self.CHUNK].float()).all():
-                            raise ValueError(f"'x' in shard {f} holds NaN or infinite values")
+                    arrays = ["x"] if "x" in keys else ["mean", "std"] if {"mean", "std"} <= keys else None
+                    if arrays is None:
+                        raise ValueError(f"shard {f} has neither 'x' nor 'mean' and 'std' (found: {sorted(keys)})")
+                    shape = tuple(s.get_slice(arrays[0]).get_shape())
+                    if len(shape) not in (4, 5) or shape[0] == 0 or any(tuple(s.get_slice(a).get_shape()) != shape for a in arrays):
+                        raise ValueError(f"'{arrays[0]}' in shard {f} has shape {shape}, expected (N, C, H, W) or "
+                                         "(N, C, D, H, W) (and 'std' like 'mean')")
+                    for a in arrays:
+                        for r in range(0, shape[0], self.CHUNK):
+                            if not torch.isfinite(s.get_slice(a)[r:r + self.CHUNK].float()).all():
+                                raise ValueError(f"'{a}' in shard {f} holds NaN or infinite values")
                     y = s.get_tensor("y") if "y" in keys else None
             except ValueError:
                 raise
             except Exception as e:  # safetensors raises its own types for damaged files
                 raise ValueError(f"cannot read shard {f}: {str(e).splitlines()[0]}") from e
             if self.sample_shape not in (None, shape[1:]):
-                raise ValueError(f"'x' in shard {f} has sample shape {shape[1:]} but {self.files[0].name} has {self.sample_shape}")
+                raise ValueError(f"shard {f} has sample shape {shape[1:]} but {self.files[0].name} has {self.sample_shape}")
             if self.has_y not in (None, y is not None):
                 raise ValueError(f"shard {f} {'has' if y is not None else 'lacks'} labels 'y' unlike {self.files[0].name}")
             if y is not None and (y.shape != (shape[0],) or y.dtype not in _INT_DTYPES or y.min() < 0 or y.max() >= MAX_CLASSES):
                 raise ValueError(f"'y' in shard {f} is {y.dtype} of shape {tuple(y.shape)}, expected {shape[0]} "
                                  f"integer labels in [0, {MAX_CLASSES})")
             max_label = max(max_label, int(y.max()) if y is not None else 0)
-            self.sample_shape, self.has_y = shape[1:], y is not None
+            self.sample_shape, self.has_y, self.posterior = shape[1:], y is not None, arrays != ["x"]
             self.counts.append(shape[0])
-            self.scaling_factor = float(meta["scaling_factor"]) if "scaling_factor" in meta else self.scaling_factor
+            self.latent_norm = json.loads(meta["latent_norm"]) if "latent_norm" in meta else self.latent_norm
         self.starts = np.cumsum([0] + self.counts)
         self.num_classes = max_label + 1
         self._open: dict = {}  # per process (each DataLoader worker opens its own handles)
@@ -124,13 +149,21 @@ class LatentShards(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, key: tuple[int, bool]):
+    def _row(self, k: int, name: str, row: int) -> torch.Tensor:
         from safetensors import safe_open
-        i, flip = key
-        k = int(np.searchsorted(self.starts, i, side="right")) - 1
         if k not in self._open:
             self._open[k] = safe_open(str(self.files[k]), framework="pt")
-        s, row = self._open[k], i - int(self.starts[k])
-        x = s.get_slice("x")[row:row + 1][0].float()
-        y = s.get_slice("y")[row:row + 1][0] if self.has_y else torch.tensor(0)
+        return self._open[k].get_slice(name)[row:row + 1][0]
+
+    def __getitem__(self, key: tuple):
+        i, flip = key[:2]
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        row = i - int(self.starts[k])
+        if self.posterior:  # a fresh draw from the posterior, keyed by (seed, step, row)
+            mean, std = self._row(k, "mean", row).float(), self._row(k, "std", row).float()
+            eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(key[2] if len(key) > 2 else 0))
+            x = normalise_latent(mean + std * eps, self.latent_norm)
+        else:
+            x = self._row(k, "x", row).float()
+        y = self._row(k, "y", row) if self.has_y else torch.tensor(0)
         return (x.flip(-1) if flip else x), y.long(), 0

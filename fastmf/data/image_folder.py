@@ -93,8 +93,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, bool]):
-        i, flip = key
+    def __getitem__(self, key: tuple):
+        i, flip = key[:2]
         for tries in range(len(self)):
             j = (i + tries) % len(self)
             try:

@@ -3,6 +3,19 @@ from __future__ import annotations
 
 import torch
 
+MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)  # splitmix64 multipliers: distinct keys for (seed, step, row)
+
+
+def stream_key(seed: int, step: int, row: int = -1) -> int:
+    """A 63-bit generator seed for (seed, step) (row -1: the batch's scalars) or for one row's noise."""
+    return ((((seed + 1) * MIX[0] + step) * MIX[1]) + row + 1) % 2**63
+
+
+def flips(seed: int, step: int, B: int) -> torch.Tensor:
+    """bool (B,): the random horizontal flips of step `step`'s batch (data augmentation)."""
+    return torch.rand(B, generator=torch.Generator().manual_seed(stream_key(seed, step, -2))) < 0.5
+
+
 
 class EpochSampler:
     """Which samples make the global batch of each step: a function of (seed, step) only.
@@ -41,22 +54,23 @@ class TensorSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, key: tuple[int, bool]):
-        i, flip = key
+    def __getitem__(self, key: tuple):
+        i, flip = key[:2]
         return (self.x[i].flip(-1) if flip else self.x[i]), self.y[i], 0
 
 
 class _StepIndices(torch.utils.data.Sampler):
-    """The loader's batch sampler: for each step from `start`, this rank's rows as (index, flip)."""
+    """The loader's batch sampler: for each step from `start`, this rank's rows as (index, flip,
+    noise key): the key seeds any per-sample randomness of the source (e.g. a latent's posterior draw)."""
 
-    def __init__(self, sampler: EpochSampler, rows: torch.Tensor, start: int, flip_of):
-        self.sampler, self.rows, self.start, self.flip_of = sampler, rows, start, flip_of
+    def __init__(self, sampler: EpochSampler, rows: torch.Tensor, start: int, flip_of, seed: int):
+        self.sampler, self.rows, self.start, self.flip_of, self.seed = sampler, rows, start, flip_of, seed
 
     def __iter__(self):
         step = self.start
         while True:
             idx, flip = self.sampler.indices(step), self.flip_of(step)
-            yield [(int(idx[g]), bool(flip[g])) for g in self.rows.tolist()]
+            yield [(int(idx[g]), bool(flip[g]), stream_key(self.seed, step, -3 - g)) for g in self.rows.tolist()]
             step += 1
 
 
@@ -66,7 +80,7 @@ def _collate(items):
 
 
 def step_batches(source, sampler: EpochSampler, rows: torch.Tensor, start: int, flip_of, workers: int,
-                 pin_memory: bool):
+                 pin_memory: bool, seed: int = 0):
     """An endless iterator of (x, y, bad_files) for steps start, start + 1, ...: this rank's `rows` of
     each global batch, decoded by `workers` DataLoader processes (0: in this one) with prefetch.
 
@@ -75,7 +89,7 @@ def step_batches(source, sampler: EpochSampler, rows: torch.Tensor, start: int, 
     run would have seen, on any number of ranks.
     """
     loader = torch.utils.data.DataLoader(
-        source, batch_sampler=_StepIndices(sampler, rows, start, flip_of), num_workers=workers,
+        source, batch_sampler=_StepIndices(sampler, rows, start, flip_of, seed), num_workers=workers,
         collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
         persistent_workers=workers > 0)
     return iter(loader)
