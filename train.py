@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from fastmf import distributed
 from fastmf.cli import fail, resolve_device
-from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
+from fastmf.ckpt import (checkpoint_path, list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints,
+                         save_checkpoint, unflatten_state)
 from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
 from fastmf.config import TrainConfig, parse
 from fastmf.data import EpochSampler, load_dataset, step_batches, to_model_range
@@ -133,6 +134,33 @@ class Checkpoints:
                                                                   f"{self.dist.world})" if world != self.dist.world else ""))
 
 
+def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backbone:
+    """--init-from: the checkpoint's own model (its record: preset, variant, whole config) with its
+    weights (its EMA where it has one), checked against the data; one line if anything does not fit."""
+    path = Path(cfg.model.init_from)
+    try:
+        _, tensors, meta, _ = newest_good_checkpoint(path) if path.is_dir() else (path, *load_checkpoint(path), [])
+        if "model" not in meta:
+            raise ValueError("it has no fastmf model record")
+        if meta["model"]["variant"] != cfg.objective.variant:
+            raise ValueError(f"it holds a {meta['model']['variant']} model; pass --variant {meta['model']['variant']}")
+        model = from_record(meta["model"])
+        spec = model.spec
+        if (spec.in_channels, *spec.input_size) != tuple(sample_shape) or spec.num_classes != num_classes:
+            raise ValueError(f"its model takes {(spec.in_channels, *spec.input_size)} with {spec.num_classes} classes, "
+                             f"the data is {tuple(sample_shape)} with {num_classes}")
+        groups = unflatten_state(tensors)
+        weights = groups.get("ema") or groups["params"]
+        missing = sorted(set(dict(model.named_parameters())) - set(weights))
+        if missing:
+            raise ValueError(f"its weights lack {missing[:5]}")
+        model.load_state_dict(weights, strict=False)  # the fixed tables are the model's own
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        fail(f"--init-from {path}: {str(e).splitlines()[0]}")
+    model.set_attention_backend(cfg.model.attn_backend)
+    return model
+
+
 class StopSignal:
     """SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to save and stop."""
 
@@ -196,7 +224,8 @@ def main(cfg: TrainConfig):
                             skip_bad=cfg.data.skip_bad_files)
         sampler = EpochSampler(len(data.source), cfg.data.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg, data.sample_shape, data.num_classes).to(device)
+        model = (init_model(cfg, data.sample_shape, data.num_classes) if cfg.model.init_from
+                 else make_model(cfg, data.sample_shape, data.num_classes)).to(device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)

@@ -21,6 +21,10 @@ class ModelOptions:
     """Backbone preset (fastmf.models registry): mit-* train MF/iMF/pMF, dit-* (MeanFlow's DiT) train MF."""
     patch_size: int | None = None
     """Patch size (default: 2 for images, 4 for volumes)."""
+    init_from: str | None = None
+    """Fine-tune: start from this fastmf checkpoint's model and weights (file or run folder; its EMA where it
+    has one), e.g. official weights from `python -m fastmf.convert`; --model and --patch-size are then
+    taken from it (its record), and the data must fit it. A resumed run reads it again for the model."""
     attn_backend: Literal["auto", "torch", "triton"] = "auto"
     """Attention: 'auto' = PyTorch SDPA for passes without a tangent and the exact JVP kernels for the
     tangent ('triton' flash on CUDA, 'torch' math on CPU; always these two with --reference-loss)."""
