@@ -8,7 +8,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import tyro
@@ -42,8 +41,9 @@ class Args:
     """Guidance interval start."""
     t_max: float = 1.0
     """Guidance interval end."""
-    weights: Literal["ema", "params"] = "ema"
-    """'ema' or 'params' (raw weights)."""
+    weights: str = "ema"
+    """'ema' (the constant-decay EMA), 'params' (raw weights), or a power-function EMA the run kept, e.g.
+    'ema_1000' (train.py --ema-halflives)."""
     seed: int = 0
     """Seed of the starting noise."""
     device: str = "auto"
@@ -62,6 +62,8 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
         meta = json.loads((sharded[0] / "meta.json").read_text())
         model = from_record(meta["model"]).to(device)
         groups, meta = load_full(sharded[0], model.state_dict())
+        if weights not in groups:
+            fail(f"--weights {weights}: the checkpoint holds {sorted(groups)}")
         model.load_state_dict(groups[weights], strict=True)
         return model.eval(), dict(model.named_parameters()), meta
     try:
@@ -79,8 +81,8 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
         groups = unflatten_state(tensors)
     except ValueError as e:
         fail(f"{file}: {e}")
-    if weights not in groups:
-        fail(f"--weights {weights}: the checkpoint holds no {weights!r} weights")
+    if weights not in groups or weights == "opt":
+        fail(f"--weights {weights}: the checkpoint holds {sorted(g for g in groups if g != 'opt')}")
     try:
         model = from_record(meta["model"]).to(device)
         model.load_state_dict(groups[weights], strict=True)

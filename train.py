@@ -30,6 +30,7 @@ from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS
+from fastmf.optim import make_optimizer
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sampling import sample
 from fastmf.train_step import fast_loss_from_draws
@@ -45,6 +46,8 @@ def check_config(cfg: TrainConfig):
             fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     if not 0 <= optim.ema < 1:
         fail(f"--ema must be in [0, 1), got {optim.ema}")
+    if any(not (h > 0 and math.isfinite(h)) for h in optim.ema_halflives) or not 0 < optim.ema_rampup <= 1:
+        fail(f"--ema-halflives must be > 0 and --ema-rampup in (0, 1], got {optim.ema_halflives}, {optim.ema_rampup}")
     if optim.warmup_steps < 0 or optim.grad_clip < 0 or run.eval_samples < 0:
         fail("--warmup-steps, --grad-clip and --eval-samples must be >= 0")
     if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
@@ -54,6 +57,13 @@ def check_config(cfg: TrainConfig):
 def training_options(cfg: TrainConfig) -> dict:
     """The options that shape the trajectory: a resumed run must keep them (run options may change)."""
     return {k: v for k, v in asdict(cfg).items() if k != "run"}
+
+
+def changed_options(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(flag name, saved value, current value) of every option that differs, compared as JSON has them."""
+    flat = lambda d: {f: v for g, group in d.items() for f, v in (group.items() if isinstance(group, dict) else [(g, group)])}
+    a, b = flat(saved), flat(json.loads(json.dumps(now)))
+    return [(k, a.get(k), b[k]) for k in b if a.get(k) != b[k]]
 
 
 ####################################################################################################
@@ -117,11 +127,10 @@ class Checkpoints:
                     print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
             if not {"state", "config", "model"} <= set(meta):
                 fail(f"{path} has no fastmf run record: not a checkpoint written by fastmf's train.py")
-            saved, now = meta["config"], training_options(self.cfg)
-            changed = [k for k in now if saved.get(k) != now[k]]
+            changed = changed_options(meta["config"], training_options(self.cfg))
             if changed:
-                fail(f"{path} was trained with other {', '.join(changed)} options ({saved.get(changed[0])} there, "
-                     f"{now[changed[0]]} now); resume with the same ones")
+                fail(f"{path} was trained with other options: " + "; ".join(
+                    f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, a, b in changed[:4]) + ". Resume with the same ones")
             if self.sharded:
                 load_sharded(path, state, self.model)
             else:
@@ -249,11 +258,13 @@ def main(cfg: TrainConfig):
                else distributed.wrap_ddp(model, dist))
     except ValueError as e:
         fail(str(e))
-    params = dict(model.named_parameters())  # after wrapping: FSDP's are DTensor shards
-    # fused: the update is a few kernels instead of several per parameter (CUDA launch overhead)
-    opt = torch.optim.Adam(params.values(), lr=cfg.optim.lr, betas=(cfg.optim.adam_b1, cfg.optim.adam_b2),
-                           fused=device.type == "cuda")
-    state = RunState(params, opt)
+    if checkpoints.sharded and cfg.optim.optimizer == "muon":
+        fail("--optimizer muon orthogonalises whole weight matrices, which FSDP shards across ranks: "
+             "use --parallel ddp with Muon")
+    # after wrapping: FSDP's parameters are DTensor shards
+    opt, params = make_optimizer(cfg.optim.optimizer, model, dict(model.named_parameters()), cfg.optim.lr,
+                                 (cfg.optim.adam_b1, cfg.optim.adam_b2), fused=device.type == "cuda")
+    state = RunState(params, opt, cfg.optim.ema_halflives)
     if resumed:
         checkpoints.resume(state)
         if state.step >= cfg.run.steps and main_rank:
@@ -322,7 +333,7 @@ def main(cfg: TrainConfig):
         # The all-reduced gradients are the same on every rank, so every rank decides alike.
         if math.isfinite(grad_norm.item()):
             opt.step()
-            state.update_ema(ema_decay(state.step, cfg.optim.ema))
+            state.update_emas(ema_decay(state.step, cfg.optim.ema), B, cfg.optim.ema_rampup)
             bad_in_row = 0
         else:  # skipped: no weight, optimizer or EMA change
             bad_in_row, skipped = bad_in_row + 1, skipped + 1

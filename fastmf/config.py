@@ -41,6 +41,8 @@ class ObjectiveOptions(ObjectiveConfig):
 
 @dataclass
 class OptimOptions:
+    optimizer: Literal["adam", "muon"] = "adam"
+    """'adam', or pMF's 'muon': Muon on the weight matrices, Adam (b1, b2 below) on the rest (fastmf/optim.py)."""
     lr: float = 1e-3
     """Peak learning rate (the references use 1e-4 at batch 256 for MiT-B; small models take more)."""
     warmup_steps: int = 100
@@ -52,8 +54,13 @@ class OptimOptions:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables."""
     ema: float = 0.999
-    """EMA decay of the weights used for sampling (the references use 0.9999 over long runs), warmed up
-    as (1 + step) / (10 + step) (run_state.ema_decay)."""
+    """Decay of the constant EMA ("ema": grids, evaluation, sample.py's default; the references use 0.9999
+    over long runs), warmed up as (1 + step) / (10 + step) (run_state.ema_decay)."""
+    ema_halflives: tuple[float, ...] = ()
+    """Power-function EMAs kept beside it, by half-life in thousands of samples (pMF: 500 1000 2000); each
+    is saved as ema_HALFLIFE, for sample.py --weights."""
+    ema_rampup: float = 0.05
+    """The power-function EMAs' half-life is at most this fraction of the samples seen so far (pMF: 0.05)."""
 
 
 @dataclass

@@ -19,27 +19,46 @@ def ema_decay(step: int, ema: float) -> float:
     return min(ema, (1 + step) / (10 + step))
 
 
-class RunState:
-    """params (name -> trainable tensor), an EMA of them, the optimizer over params, the step."""
+def ema_name(halflife_kimg: float) -> str:
+    """The checkpoint group (and sample.py --weights) name of a power-function EMA: ema_1000, ema_2p5."""
+    return f"ema_{halflife_kimg:g}".replace(".", "p")
 
-    def __init__(self, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
-        self.params, self.opt, self.step = params, opt, 0
-        self.ema = {k: v.detach().clone() for k, v in params.items()}
+
+class RunState:
+    """params (name -> trainable tensor), their EMAs, the optimizer over params, the step.
+
+    EMAs: "ema", the constant-decay one, and one power-function EMA per half-life (optim.power_ema_beta,
+    pMF's "edm" EMAs), all kept at once; each is saved.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], opt, halflives_kimg: tuple = ()):
+        self.params, self.opt, self.step, self.halflives = params, opt, 0, tuple(halflives_kimg)
+        self.emas = {name: {k: v.detach().clone() for k, v in params.items()}
+                     for name in ["ema", *map(ema_name, self.halflives)]}
+
+    @property
+    def ema(self) -> dict[str, torch.Tensor]:
+        return self.emas["ema"]
 
     @torch.no_grad()
-    def update_ema(self, decay: float):
-        torch._foreach_lerp_(list(self.ema.values()), list(self.params.values()), 1 - decay)
+    def update_emas(self, decay: float, batch_size: int, rampup: float):
+        """One step of every EMA: "ema" with `decay`, the power-function ones by their half-lives."""
+        from fastmf.optim import power_ema_beta
+        decays = [decay] + [power_ema_beta(self.step + 1, h, batch_size, rampup) for h in self.halflives]
+        for ema, d in zip(self.emas.values(), decays):
+            torch._foreach_lerp_(list(ema.values()), list(self.params.values()), 1 - d)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON meta) for ckpt.save_checkpoint."""
+        """(tensors, JSON meta) for ckpt.save_checkpoint; CPU tensors alias the live state (write them
+        before the next step)."""
         opt_tensors, opt_meta = optimizer_state_to_tensors(self.opt, names=list(self.params))
-        tensors = flatten_state({"params": self.params, "ema": self.ema, "opt": opt_tensors})
+        tensors = flatten_state({"params": self.params, **self.emas, "opt": opt_tensors})
         return {k: v.detach().cpu() for k, v in tensors.items()}, {"step": self.step, "opt": opt_meta}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
         """Restore from what state_dict gave; a checkpoint of another model is a one-line ValueError."""
         groups = unflatten_state(tensors)
-        for group in ("params", "ema"):
+        for group in ("params", *self.emas):
             saved = groups.get(group, {})
             missing, unexpected = sorted(set(self.params) - set(saved)), sorted(set(saved) - set(self.params))
             if missing or unexpected:
@@ -52,6 +71,7 @@ class RunState:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(groups["params"][k])
-                self.ema[k].copy_(groups["ema"][k])
+                for name, ema in self.emas.items():
+                    ema[k].copy_(groups[name][k])
         load_optimizer_state(self.opt, groups.get("opt", {}), meta["opt"], names=list(self.params))
         self.step = int(meta["step"])

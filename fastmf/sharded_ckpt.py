@@ -42,10 +42,10 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save({"params": state.params, "ema": state.ema, "opt": get_optimizer_state_dict(model, state.opt)},
+    dcp.save({"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)},
              checkpoint_id=str(tmp))
     if is_main:
-        (tmp / "meta.json").write_text(json.dumps(meta | {"state": {"step": state.step}}))
+        (tmp / "meta.json").write_text(json.dumps(meta | {"state": {"step": state.step, "emas": list(state.emas)}}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in list_sharded(folder)[keep:]:
@@ -56,7 +56,7 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
 def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
     """Load a sharded checkpoint into the (sharded) run state, in place; returns its meta."""
     meta = json.loads((path / "meta.json").read_text())
-    target = {"params": state.params, "ema": state.ema, "opt": get_optimizer_state_dict(model, state.opt)}
+    target = {"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)}
     dcp.load(target, checkpoint_id=str(path))
     set_optimizer_state_dict(model, state.opt, target["opt"])
     state.step = int(meta["state"]["step"])
@@ -64,9 +64,10 @@ def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
 
 
 def load_full(path: Path, template: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict]:
-    """params and EMA of a sharded checkpoint as full tensors in one process (no process group):
+    """params and EMAs of a sharded checkpoint as full tensors in one process (no process group):
     `template` maps parameter names to tensors of the right shapes (a model's state)."""
     meta = json.loads((path / "meta.json").read_text())
-    groups = {g: {k: torch.empty_like(v) for k, v in template.items()} for g in ("params", "ema")}
+    names = ["params", *meta["state"].get("emas", ["ema"])]
+    groups = {g: {k: torch.empty_like(v) for k, v in template.items()} for g in names}
     dcp.load(groups, checkpoint_id=str(path), no_dist=True)
     return groups, meta
