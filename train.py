@@ -20,9 +20,7 @@ from tqdm import tqdm
 
 from fastmf import distributed
 from fastmf.cli import fail, resolve_device
-from fastmf.ckpt import (checkpoint_path, list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints,
-                         save_checkpoint, unflatten_state)
-from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
+from fastmf.ckpt import load_checkpoint, newest_good_checkpoint, prune_checkpoints, unflatten_state
 from fastmf.config import TrainConfig, parse
 from fastmf.data import EpochSampler, load_dataset, step_batches, to_model_range
 from fastmf.data.loader import flips
@@ -31,6 +29,7 @@ from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS
 from fastmf.optim import make_optimizer
+from fastmf.run_checkpoints import Checkpoints
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sampling import sample
 from fastmf.train_step import fast_loss_from_draws
@@ -54,18 +53,6 @@ def check_config(cfg: TrainConfig):
         fail(f"--patch-size must be >= 1, got {cfg.model.patch_size}")
 
 
-def training_options(cfg: TrainConfig) -> dict:
-    """The options that shape the trajectory: a resumed run must keep them (run options may change)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "run"}
-
-
-def changed_options(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(flag name, saved value, current value) of every option that differs, compared as JSON has them."""
-    flat = lambda d: {f: v for g, group in d.items() for f, v in (group.items() if isinstance(group, dict) else [(g, group)])}
-    a, b = flat(saved), flat(json.loads(json.dumps(now)))
-    return [(k, a.get(k), b[k]) for k in b if a.get(k) != b[k]]
-
-
 ####################################################################################################
 #                                           Setup                                                  #
 ####################################################################################################
@@ -87,60 +74,6 @@ def generate(model: Backbone, params: dict, labels: torch.Tensor, seed: int, ome
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(len(labels), model.spec.in_channels, *model.spec.input_size, generator=g).to(labels.device)
     return sample(functional(model), params, z, labels, steps=nfe, omega=omega)
-
-
-class Checkpoints:
-    """The run folder's checkpoints: ckpt_STEP.safetensors written by rank 0 (one process, DDP), or
-    sharded ckpt_STEP.dcp folders written by every rank (FSDP); the newest `keep` are kept."""
-
-    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, model: Backbone, data_meta: dict):
-        self.cfg, self.dist, self.model, self.out, self.data_meta = cfg, dist, model, Path(cfg.run.out), data_meta
-        self.sharded = cfg.run.parallel == "fsdp"
-
-    def exist(self) -> bool:
-        return bool(list_sharded(self.out) if self.sharded else list_checkpoints(self.out))
-
-    def save(self, state: RunState):
-        meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world} | self.data_meta
-        keep = self.cfg.run.keep_checkpoints
-        if self.sharded:
-            save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
-            return
-        distributed.check_same_on_all_ranks(state.params, self.dist)
-        if not self.dist.is_main:
-            return
-        tensors, state_meta = state.state_dict()
-        if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("params.", "ema."))):
-            fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
-        save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
-        prune_checkpoints(self.out, keep)
-
-    def resume(self, state: RunState):
-        """Load the newest good checkpoint into state (every rank reads it)."""
-        try:
-            if self.sharded:
-                path = list_sharded(self.out)[0]
-                meta = json.loads((path / "meta.json").read_text())
-            else:
-                path, tensors, meta, skipped = newest_good_checkpoint(self.out)
-                for why in skipped if self.dist.is_main else []:
-                    print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
-            if not {"state", "config", "model"} <= set(meta):
-                fail(f"{path} has no fastmf run record: not a checkpoint written by fastmf's train.py")
-            changed = changed_options(meta["config"], training_options(self.cfg))
-            if changed:
-                fail(f"{path} was trained with other options: " + "; ".join(
-                    f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, a, b in changed[:4]) + ". Resume with the same ones")
-            if self.sharded:
-                load_sharded(path, state, self.model)
-            else:
-                state.load_state_dict(tensors, meta["state"])
-        except (ValueError, KeyError, FileNotFoundError, IndexError) as e:
-            fail(f"cannot resume from {self.out}: {e}")
-        if self.dist.is_main:
-            world = meta.get("world_size", 1)
-            print(f"resumed {path.name} at step {state.step}" + (f" (written by {world} processes, now "
-                                                                  f"{self.dist.world})" if world != self.dist.world else ""))
 
 
 def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backbone:
@@ -168,6 +101,19 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
         fail(f"--init-from {path}: {str(e).splitlines()[0]}")
     model.set_attention_backend(cfg.model.attn_backend)
     return model
+
+
+def digits_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omega: float, out: Path, logger):
+    """The final quality report on digits: the judge's agreement and Frechet distance at 1 NFE."""
+    from fastmf.eval import digits_report
+    labels = torch.arange(cfg.run.eval_samples, device=next(iter(weights.values())).device) % 10
+    report = digits_report(generate(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
+    report |= {"step": step, "nfe": 1, "omega": omega, "n": cfg.run.eval_samples}
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
+          f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
+    if logger.run is not None:
+        logger.run.log({f"eval/{k}": v for k, v in report.items()}, step=step)
 
 
 class StopSignal:
@@ -372,17 +318,9 @@ def main(cfg: TrainConfig):
     dist.barrier()
 
     if cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
-        sample_model, weights = sampling_weights()
-    if main_rank and cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
-        from fastmf.eval import digits_report
-        labels = torch.arange(cfg.run.eval_samples, device=device) % 10
-        report = digits_report(generate(sample_model, weights, labels, cfg.seed + 7, eval_omega).cpu(), labels.cpu())
-        report |= {"step": state.step, "nfe": 1, "omega": eval_omega, "n": cfg.run.eval_samples}
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
-        print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
-              f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
-        if logger.run is not None:
-            logger.run.log({f"eval/{k}": v for k, v in report.items()}, step=state.step)
+        sample_model, weights = sampling_weights()  # a collective under FSDP: every rank
+        if main_rank:
+            digits_eval(cfg, sample_model, weights, state.step, eval_omega, out, logger)
     if main_rank:
         logger.finish()
     distributed.shutdown()

@@ -8,7 +8,6 @@ embedding go to Muon (torch.optim.Muon, optax's defaults: momentum 0.95, Nestero
 Newton-Schulz steps, eps 1e-8, no weight decay, lr times sqrt(max(1, fan_out / fan_in))); the rest
 to Adam (b1 0.9, b2 0.95; optax's Adam branch there is Nesterov Adam, torch has none: plain Adam).
 """
-import math
 
 import torch
 import torch.nn as nn

@@ -109,7 +109,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     step = metrics(out)[-1]["step"]
     saved = sorted(out.glob("ckpt_*.safetensors"))
-    assert f"stopped by SIGTERM at step" in err and saved and int(saved[-1].stem.split("_")[1]) >= step
+    assert "stopped by SIGTERM at step" in err and saved and int(saved[-1].stem.split("_")[1]) >= step
     launch(1, out, "--steps", str(int(saved[-1].stem.split("_")[1]) + 1), "--resume")
 
 

@@ -52,7 +52,7 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
         return in_memory(*load_digits("train", seed), 10)
     if name_or_path == "phantom3d":
         if channels not in (None, 1) or num_phantoms < 1:
-            raise ValueError(f"phantom3d volumes have 1 channel and need num_phantoms >= 1")
+            raise ValueError("phantom3d volumes have 1 channel and need num_phantoms >= 1")
         x, y = make_phantoms(num_phantoms, 32 if size is None else size, seed)
         return in_memory(x, y, 1, np.eye(4).tolist())
     p = Path(name_or_path)
