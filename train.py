@@ -27,7 +27,8 @@ from fastmf.data.loader import flips
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
-from fastmf.objectives import LOSSES_FROM_DRAWS
+from fastmf.objectives import LOSSES_FROM_DRAWS, uses_perceptual
+from fastmf.perceptual import Perceptual
 from fastmf.optim import make_optimizer
 from fastmf.run_checkpoints import Checkpoints
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
@@ -101,6 +102,25 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
         fail(f"--init-from {path}: {str(e).splitlines()[0]}")
     model.set_attention_backend(cfg.model.attn_backend)
     return model
+
+
+def make_perceptual(cfg: TrainConfig, ocfg, sample_shape: tuple, device) -> Perceptual | None:
+    """pMF's perceptual networks from their local weight files, when a perceptual term is on;
+    one-line errors before training for a missing flag or file, or data they cannot see."""
+    if not uses_perceptual(ocfg):
+        return None
+    lpips, convnext = cfg.perceptual.lpips_weights, cfg.perceptual.convnext_weights
+    for lam, path, flags in ((ocfg.lpips_lambda, lpips, ("--lpips-lambda", "--lpips-weights")),
+                             (ocfg.convnext_lambda, convnext, ("--convnext-lambda", "--convnext-weights"))):
+        if lam > 0 and not path:
+            fail(f"{flags[0]} {lam} needs the network's weights: pass {flags[1]} PATH (README: perceptual losses)")
+    if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+        fail(f"the perceptual terms look at images of 1 or 3 channels; the data is {tuple(sample_shape)}")
+    try:
+        return Perceptual(lpips if ocfg.lpips_lambda > 0 else None, convnext if ocfg.convnext_lambda > 0 else None,
+                          ocfg.perceptual_size).to(device)
+    except ValueError as e:
+        fail(str(e))
 
 
 def digits_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omega: float, out: Path, logger):
@@ -189,6 +209,7 @@ def main(cfg: TrainConfig):
         print(f"warning: --batch-size {cfg.data.batch_size} with data proportion {ocfg.data_proportion} gives no "
               "flow-matching (r = t) sample per batch; use a batch of at least "
               f"{math.ceil(1 / ocfg.data_proportion)}", file=sys.stderr)
+    perceptual = make_perceptual(cfg, ocfg, data.sample_shape, device)
     if cfg.reference_loss and cfg.model.attn_backend == "auto":
         # torch.func.jvp needs attention with a JVP rule, and compiled code hides its tangents from "auto"
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
@@ -218,7 +239,8 @@ def main(cfg: TrainConfig):
     # Wrapped, the step calls the wrapper itself (its params are these very tensors), so its hooks run.
     apply = functional(model) if net is model and dist.world == 1 else (lambda p, *a, **kw: net(*a, **kw))
     loss_from_draws = LOSSES_FROM_DRAWS[ocfg.variant] if cfg.reference_loss else fast_loss_from_draws
-    step_loss = lambda x, y, d: loss_from_draws(apply, params, x, y, d, ocfg)
+    extra = {"perceptual": perceptual} if perceptual is not None else {}
+    step_loss = lambda x, y, d: loss_from_draws(apply, params, x, y, d, ocfg, **extra)
     scope = "step" if cfg.reference_loss else cfg.run.compile_scope
     if cfg.run.compile and scope == "blocks":
         if checkpoints.sharded:

@@ -34,9 +34,15 @@ class ModelOptions:
 class ObjectiveOptions(ObjectiveConfig):
     """The objective's config with the fields the trainer sets itself hidden from the CLI."""
     num_classes: tyro.conf.Suppress[int] = 1000          # taken from the data
-    # The trainer has no perceptual network yet, so flags for its term would do nothing.
-    perceptual_weight: tyro.conf.Suppress[float] = 1.0
-    perceptual_max_t: tyro.conf.Suppress[float] = 1.0
+
+
+@dataclass
+class PerceptualOptions:
+    """pMF's perceptual networks (frozen; not trained, averaged or saved): local weight files."""
+    lpips_weights: str | None = None
+    """LPIPS (VGG16) weights: lpips.LPIPS(net="vgg").state_dict() saved as .pth or .safetensors (README)."""
+    convnext_weights: str | None = None
+    """ConvNeXt-V2 base weights with timm's names (timm convnextv2_base), .pth or .safetensors (README)."""
 
 
 @dataclass
@@ -131,6 +137,7 @@ class TrainConfig:
     """Train a MeanFlow-family model (MF, iMF or pMF) on images or volumes."""
     model: ModelOptions = field(default_factory=ModelOptions)
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    perceptual: PerceptualOptions = field(default_factory=PerceptualOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)

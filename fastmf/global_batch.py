@@ -16,7 +16,7 @@ mean over rows, so the order does not change it.
 import torch
 
 from fastmf.data.loader import stream_key
-from fastmf.objectives import Draws, ObjectiveConfig, draw_conditions, sample_t_r
+from fastmf.objectives import Draws, ObjectiveConfig, draw_conditions, sample_t_r, uses_perceptual
 
 def flow_matching_rows(B: int, proportion: float) -> torch.Tensor:
     """bool (B,): int(B * proportion) rows spread evenly (floor((g + 1) p) > floor(g p))."""
@@ -44,6 +44,7 @@ def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cf
     fm = flow_matching_rows(B, cfg.data_proportion)
     r = torch.where(fm, t, r)
     omega, t_min, t_max, num_drop = draw_conditions(fm, gen, like, cfg)
+    crop = torch.rand((B, 4), generator=gen) if uses_perceptual(cfg) else None  # drawn last: as objectives.draw
     fm_first = torch.cat([torch.nonzero(fm).flatten(), torch.nonzero(~fm).flatten()])
     drop = torch.zeros(B, dtype=torch.bool)
     drop[fm_first[:int(num_drop)]] = True                              # the first num_drop flow-matching rows
@@ -54,5 +55,6 @@ def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cf
                          for g in order.tolist()])                      # (b, C, *S)
     to = lambda a: a[order].to(device, dtype)
     draws = Draws(to(t), to(r), fm[order].to(device), (noise * cfg.noise_scale).to(dtype), to(omega),
-                  to(t_min), to(t_max), drop[order].to(device), int(fm[order].sum()))
+                  to(t_min), to(t_max), drop[order].to(device), int(fm[order].sum()),
+                  None if crop is None else crop[order].to(device))
     return order, draws

@@ -58,10 +58,14 @@ class ObjectiveConfig:
     """MF: end of the guidance interval."""
     noise_scale: float = 1.0
     """Noise e ~ N(0, noise_scale^2) (pMF uses 2 at 256 px and up)."""
-    perceptual_weight: float = 1.0
-    """pMF: weight of the adaptively weighted perceptual term, when a perceptual distance is given."""
+    lpips_lambda: float = 0.0
+    """pMF: weight of the adaptively weighted LPIPS term (pMF's configs: 0.4; needs --lpips-weights)."""
+    convnext_lambda: float = 0.0
+    """pMF: weight of the adaptively weighted ConvNeXt-V2 feature term (pMF's configs: 0.1; needs --convnext-weights)."""
     perceptual_max_t: float = 1.0
-    """pMF: the perceptual term applies only where t < this."""
+    """pMF: the perceptual terms apply only where t < this (pMF B/16, L/16: 0.8)."""
+    perceptual_size: int = 224
+    """pMF: the paired random resized crop's output size (224, the networks' training size)."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -78,10 +82,16 @@ class ObjectiveConfig:
                   ("norm_eps", self.norm_eps >= 0, ">= 0"), ("cfg_max", self.cfg_max >= 0, ">= 0"),
                   ("class_dropout_prob", 0 <= self.class_dropout_prob <= 1, "in [0, 1]"),
                   ("mf_t_start", 0 <= self.mf_t_start <= self.mf_t_end <= 1, "<= --mf-t-end, both in [0, 1]"),
-                  ("num_classes", self.num_classes >= 1, ">= 1")]
+                  ("num_classes", self.num_classes >= 1, ">= 1"),
+                  ("lpips_lambda", self.lpips_lambda >= 0 and self.convnext_lambda >= 0, ">= 0, as --convnext-lambda"),
+                  ("perceptual_size", self.perceptual_size >= 1, ">= 1")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)}")
+
+
+def uses_perceptual(cfg: ObjectiveConfig) -> bool:
+    return cfg.variant == "pmf" and (cfg.lpips_lambda > 0 or cfg.convnext_lambda > 0)
 
 
 def objective_defaults(variant: str, **overrides) -> ObjectiveConfig:
@@ -105,6 +115,7 @@ class Draws:
     t_max: torch.Tensor
     drop_mask: torch.Tensor    # bool: class label replaced by the null class
     n_fm: int                  # the flow-matching samples are the first n_fm (the fast step relies on it)
+    crop: torch.Tensor | None = None  # (B, 4) uniforms of the perceptual terms' paired crop (pMF only)
 
 
 def _rand(shape, gen: torch.Generator, like: torch.Tensor, normal: bool) -> torch.Tensor:
@@ -157,7 +168,8 @@ def draw(x: torch.Tensor, gen: torch.Generator, cfg: ObjectiveConfig) -> Draws:
     e = _rand(x.shape, gen, x, True) * cfg.noise_scale
     omega, t_min, t_max, num_drop = draw_conditions(fm_mask, gen, x, cfg)
     drop_mask = torch.arange(B, device=x.device) < num_drop
-    return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop_mask, int(B * cfg.data_proportion))
+    crop = _rand((B, 4), gen, x, False) if uses_perceptual(cfg) else None  # drawn last: other draws unchanged
+    return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop_mask, int(B * cfg.data_proportion), crop)
 
 
 ####################################################################################################
@@ -216,6 +228,18 @@ def interpolate(x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
     return tb, z_t, v_t
 
 
+def perceptual_term(perceptual: Callable, pred_x: torch.Tensor, x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
+    """pMF: sum over terms of lambda x adaptive_weight(distance) per sample, only where t < perceptual_max_t
+    (pmf.py); returns ((B,), metrics)."""
+    lambdas = {"lpips": cfg.lpips_lambda, "convnext": cfg.convnext_lambda}
+    total, metrics = 0.0, {}
+    for name, dist in perceptual(pred_x, x, d.crop).items():
+        dist = torch.where(d.t < cfg.perceptual_max_t, dist, 0.0)
+        total = total + lambdas[name] * adaptive_weight(dist, cfg)
+        metrics[f"loss_{name}"] = dist.mean().detach()
+    return total, metrics
+
+
 def mf_guidance_weights(t: torch.Tensor, cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """MF's (w, k) per sample (B,): (mf_omega, mf_kappa) inside [mf_t_start, mf_t_end], (1, 0) outside."""
     inside = (t >= cfg.mf_t_start) & (t <= cfg.mf_t_end)
@@ -261,7 +285,8 @@ def imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch
 
     Args:
         x: (B, C, *S) data; y: (B,) int64 labels.
-        perceptual: pMF only, `perceptual(pred_x, x) -> (B,)` per-sample distance, or None.
+        perceptual: pMF only, `perceptual(pred_x, x, crop) -> {"lpips": (B,), "convnext": (B,)}` (the
+            distances fastmf.perceptual.Perceptual gives), or None.
     Returns:
         loss (scalar), metrics dict of detached scalars.
     """
@@ -283,11 +308,9 @@ def imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: torch
     loss_v = adaptive_weight(per_sample_sq(v - v_g), cfg)
     loss = loss_u + loss_v
     metrics = {"loss_u": (V - v_g).pow(2).mean().detach(), "loss_v": (v - v_g).pow(2).mean().detach()}
-    if perceptual is not None and cfg.variant == "pmf":
-        pred_x = z_t - tb * u
-        dist = torch.where(t < cfg.perceptual_max_t, perceptual(pred_x, x), 0.0)
-        loss = loss + cfg.perceptual_weight * adaptive_weight(dist, cfg)
-        metrics["loss_perceptual"] = dist.mean().detach()
+    if perceptual is not None and uses_perceptual(cfg):
+        term, perceptual_metrics = perceptual_term(perceptual, z_t - tb * u, x, d, cfg)   # pred_x = z_t - t u
+        loss, metrics = loss + term, metrics | perceptual_metrics
     loss = loss.mean()
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -23,8 +23,8 @@ import torch
 
 from kernels import adaptive_sq_loss
 from fastmf.models import Conditions, Tangent
-from fastmf.objectives import (Draws, ObjectiveConfig, adaptive_weight, bcast, draw, interpolate,
-                               mf_guidance_weights, mf_uses_guidance, null_dropped)
+from fastmf.objectives import (Draws, ObjectiveConfig, bcast, draw, interpolate, mf_guidance_weights,
+                               mf_uses_guidance, null_dropped, perceptual_term, uses_perceptual)
 
 
 def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int):
@@ -84,10 +84,9 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     loss = loss_u + loss_v
     n = x[0].numel()
     metrics = {"loss_u": raw_u.mean() / n, "loss_v": raw_v.mean() / n}
-    if perceptual is not None and cfg.variant == "pmf":
-        dist = torch.where(t < cfg.perceptual_max_t, perceptual(z_t - tb * u, x), 0.0)
-        loss = loss + cfg.perceptual_weight * adaptive_weight(dist, cfg)
-        metrics["loss_perceptual"] = dist.mean().detach()
+    if perceptual is not None and uses_perceptual(cfg):
+        term, perceptual_metrics = perceptual_term(perceptual, z_t - tb * u, x, d, cfg)   # pred_x = z_t - t u
+        loss, metrics = loss + term, metrics | perceptual_metrics
     loss = loss.mean()
     metrics["loss"] = loss.detach()
     return loss, metrics

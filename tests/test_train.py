@@ -217,3 +217,21 @@ def test_muon_and_power_emas_resume_exactly_and_sample(tmp_path):
     npz = tmp_path / "s.npz"
     sample_script.main(sample_script.Args(ckpt=str(straight), out=str(npz), labels="1", weights="ema_0p5"))
     assert npz.exists()
+
+
+def test_pmf_with_both_perceptual_terms_trains_and_needs_its_weight_files(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_perceptual import random_weights
+    lpips_file, cnx_file = random_weights(tmp_path)
+    perc = dict(variant="pmf", lpips_lambda=0.4, convnext_lambda=0.1, perceptual_max_t=0.8, perceptual_size=32)
+    out = tmp_path / "run"
+    train.main(small(out, steps=2, batch_size=4, eval_samples=0, lpips_weights=lpips_file, convnext_weights=cnx_file,
+                     **perc))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss_lpips"] > 0 and record["loss_convnext"] > 0
+    with pytest.raises(SystemExit):
+        train.main(small(tmp_path / "x", steps=1, lpips_weights=lpips_file, **perc))
+    assert "--convnext-lambda 0.1 needs the network's weights: pass --convnext-weights PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(small(tmp_path / "y", steps=1, lpips_weights=tmp_path / "none.pth", convnext_weights=cnx_file, **perc))
+    assert "--lpips-weights" in capsys.readouterr().err

@@ -62,23 +62,33 @@ def test_fast_loss_fp32_matches_reference_and_draws_like_it():
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_pmf_perceptual_term_matches_reference_and_counts():
-    model = tiny_model("pmf", num_classes=NC)
+def test_pmf_perceptual_terms_match_reference_and_count(tmp_path):
+    """LPIPS and ConvNeXt-V2 (random-init, real architectures, fp64) added by the fast step and the
+    reference objective alike: the same loss and gradients, and the terms really change them."""
+    from test_perceptual import random_weights
+    from fastmf.perceptual import Perceptual
+    perceptual = Perceptual(*random_weights(tmp_path), size=32).double()
+    model = tiny_model("pmf", num_classes=NC, in_channels=3, input_size=(16, 16))
     apply, params = functional(model)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 2, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, NC, (6,), generator=g)
-    cfg = objective_defaults("pmf", num_classes=NC, perceptual_max_t=0.7, perceptual_weight=0.5)
+    cfg = objective_defaults("pmf", num_classes=NC, lpips_lambda=0.4, convnext_lambda=0.1, perceptual_max_t=0.8,
+                             perceptual_size=32)
     d = draw(x, g, cfg)
-    dist = lambda pred_x, x: (pred_x - x).abs().flatten(1).sum(1)  # a stand-in perceptual distance
-    ref, m_ref = imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=dist)
-    fast, m_fast = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=dist, loss_backend="torch")
+    assert d.crop.shape == (6, 4)
+    ref, m_ref = imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=perceptual)
+    fast, m_fast = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, perceptual=perceptual, loss_backend="torch")
     plain, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(m_fast["loss_perceptual"], m_ref["loss_perceptual"])
-    assert (ref - plain).abs() > 1e-3  # the term is really added (gated by t < 0.7 per sample)
-    w = params["net.u_final_layer.linear.weight"]  # pMF: x-prediction wraps the MiT as `net`
-    torch.testing.assert_close(torch.autograd.grad(fast, w)[0], torch.autograd.grad(ref, w)[0], rtol=1e-8, atol=1e-12)
+    for k in ("loss_lpips", "loss_convnext"):
+        torch.testing.assert_close(m_fast[k], m_ref[k])
+    assert (ref - plain).abs() > 1e-3  # the terms are really added (gated by t < 0.8 per sample)
+    names = list(params)
+    g_ref = torch.autograd.grad(ref, [params[k] for k in names])
+    g_fast = torch.autograd.grad(fast, [params[k] for k in names])
+    for k, a, b in zip(names, g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=k)
 
 
 def test_tangent_pass_compiles_as_one_graph_with_triton_attention():
