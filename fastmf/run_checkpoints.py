@@ -47,14 +47,18 @@ class Checkpoints:
     def save(self, state: RunState):
         meta = {"config": asdict(self.cfg), "model": self.model.record, "world_size": self.dist.world} | self.data_meta
         keep = self.cfg.run.keep_checkpoints
-        if self.sharded:
+        if self.sharded:  # each rank checks its shards; all refuse together
+            local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+            weights = [local(t) for group in (state.params, *state.emas.values()) for t in group.values()]
+            if self.dist.any(not all(torch.isfinite(t).all() for t in weights)):
+                fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
             save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
             return
         distributed.check_same_on_all_ranks(state.params, self.dist)
         if not self.dist.is_main:
             return
         tensors, state_meta = state.state_dict()
-        if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("params.", "ema."))):
+        if not all(torch.isfinite(t).all() for k, t in tensors.items() if not k.startswith("opt.")):
             fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
         save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
         prune_checkpoints(self.out, keep)

@@ -68,6 +68,9 @@ class RunState:
             if bad:
                 raise ValueError(f"checkpoint {group} have other shapes than this model: {bad[0]} is "
                                  f"{tuple(saved[bad[0]].shape)}, the model's {tuple(self.params[bad[0]].shape)}")
+            nonfinite = [k for k, v in saved.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if nonfinite:
+                raise ValueError(f"checkpoint {group} hold non-finite values ({nonfinite[0]}, ...): refused")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(groups["params"][k])

@@ -127,3 +127,14 @@ def test_flipped_bytes_are_refused_and_the_newest_good_checkpoint_is_found(tmp_p
     flip_bytes(checkpoint_path(tmp_path, 2), -64)
     with pytest.raises(ValueError, match="none of the 2 checkpoints"):
         newest_good_checkpoint(tmp_path)
+
+
+def test_run_state_refuses_non_finite_weights_at_load():
+    from fastmf.run_state import RunState
+    p = {"w": torch.zeros(3, requires_grad=True)}
+    state = RunState(p, torch.optim.Adam(p.values()))
+    tensors, meta = state.state_dict()
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors["ema.w"][1] = float("nan")
+    with pytest.raises(ValueError, match="checkpoint ema hold non-finite values"):
+        state.load_state_dict(tensors, meta)
