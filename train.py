@@ -275,10 +275,9 @@ def main(cfg: TrainConfig):
         return sampler_model, full
 
     B = cfg.data.batch_size
-    hflip = data.flip if cfg.data.hflip is None else cfg.data.hflip
     workers = cfg.data.workers if cfg.data.workers is not None else 8 if data.streaming else 0
     batches = step_batches(data.source, sampler, rows_in_order(rows, B, ocfg.data_proportion), state.step,
-                           lambda s: flips(cfg.seed, s, B) if hflip else torch.zeros(B, dtype=torch.bool),
+                           lambda s: flips(cfg.seed, s, B) if cfg.data.hflip else torch.zeros(B, dtype=torch.bool),
                            workers, pin_memory=device.type == "cuda", seed=cfg.seed)
     bad_files = 0
     while state.step < cfg.run.steps:

@@ -80,7 +80,7 @@ class DataOptions:
     """NIfTI: isotropic voxel size in mm to resample to (default: the first volume's coarsest spacing)."""
     batch_size: int = 64
     """Global batch size (divided over the processes under torchrun)."""
-    hflip: bool | None = None
+    hflip: bool = False
     """Random horizontal flips of the training samples, keyed by (seed, step, row). Default off: the iMF,
     pMF and MF input pipelines have a flip flag but run without it (latents: the flag is never read)."""
     workers: int | None = None

@@ -34,7 +34,7 @@ def test_digits_split_shapes_range_and_disjointness():
 
 def test_load_dataset_digits_and_phantoms():
     d = load_dataset("digits")
-    assert d.num_classes == 10 and len(d.source) == 1437 and d.sample_shape == (1, 8, 8) and not d.flip
+    assert d.num_classes == 10 and len(d.source) == 1437 and d.sample_shape == (1, 8, 8) and not d.streaming
     x, y, bad = d.source[(3, False)]
     assert torch.equal(x, load_digits("train")[0][3]) and bad == 0
     p = load_dataset("phantom3d", size=16, num_phantoms=16)
@@ -81,7 +81,7 @@ def test_image_folder_classes_crop_and_uint8(tmp_path):
     assert x.shape == (3, 6, 6) and x.dtype == torch.uint8 and (x == 255).all() and y == 1 and bad == 0
     assert torch.equal(to_model_range(torch.stack([images[(0, False)][0], x])).amax((1, 2, 3)), torch.tensor([-1.0, 1.0]))
     d = load_dataset(str(tmp_path), size=4, channels=1)
-    assert d.sample_shape == (1, 4, 4) and d.num_classes == 2 and d.streaming and not d.flip
+    assert d.sample_shape == (1, 4, 4) and d.num_classes == 2 and d.streaming
 
 
 def test_real_photos_folder_and_csv_center_crop_and_flip(tmp_path):

@@ -199,7 +199,7 @@ def test_real_photos_train_from_a_folder_with_workers(tmp_path):
         Image.fromarray(arr).save(tmp_path / Path(name).name)
     out = tmp_path / "run"
     train.main(small(out, data=str(tmp_path), image_size=16, steps=2, batch_size=2, sample_every=2, ckpt_every=2,
-                     log_every=1, workers=2, patch_size=4))
+                     log_every=1, workers=2, patch_size=4, hflip=True))
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 

@@ -33,13 +33,12 @@ class Data:
     num_classes: int
     sample_shape: tuple[int, ...]      # (C, *S)
     streaming: bool                    # decoded on demand (worth DataLoader workers) or in memory
-    flip: bool                         # random horizontal flips by default (none: the references run without)
     affine: list | None = None         # volumes: the training grid's voxel -> mm (RAS+) affine
     latent_norm: dict | None = None    # latents: how they were scaled (sample.py --vae undoes it)
 
 
 def in_memory(x: torch.Tensor, y: torch.Tensor, num_classes: int, affine=None) -> Data:
-    return Data(TensorSource(x, y, num_classes), num_classes, tuple(x.shape[1:]), False, False, affine)
+    return Data(TensorSource(x, y, num_classes), num_classes, tuple(x.shape[1:]), False, affine)
 
 
 def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | None = None, seed: int = 0,
@@ -62,12 +61,12 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
         if size is None:
             raise ValueError(f"image folder {p} needs an image size: pass --image-size")
         images = ImageFolder(p, size, 3 if channels is None else channels, skip_bad)
-        return Data(images, images.num_classes, images.sample_shape, True, False)
+        return Data(images, images.num_classes, images.sample_shape, True)
     if p.is_dir() and _files(p, ARRAY_SUFFIXES) and _files(p, NIFTI_SUFFIXES):
         raise ValueError(f"{p} holds both NIfTI volumes and array shards; keep one kind")
     if p.is_dir() and _files(p, (".safetensors",)) and not _files(p, (".npz",)):
         shards = LatentShards(p)  # memory-mapped, row by row
-        return Data(shards, shards.num_classes, shards.sample_shape, True, False, latent_norm=shards.latent_norm)
+        return Data(shards, shards.num_classes, shards.sample_shape, True, latent_norm=shards.latent_norm)
     if p.is_file() or _files(p, ARRAY_SUFFIXES):
         x, y = load_arrays(p)
         return in_memory(x, y, int(y.max()) + 1)
