@@ -5,7 +5,6 @@
     python sample.py --ckpt runs/phantom --n 4 --out head.nii.gz        # volumes as NIfTI
 """
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import torch
 import tyro
 
 from fastmf.cli import fail, resolve_device
-from fastmf.ckpt import list_checkpoints, load_checkpoint, newest_good_checkpoint, unflatten_state
-from fastmf.sharded_ckpt import list_sharded, load_full
 from fastmf.images import save_grid, save_nifti, save_npz
-from fastmf.models import Backbone, from_record, functional
+from fastmf.inference import guidance, latent_decoder, load_model
+from fastmf.models import functional
 from fastmf.sampling import sample
 
 
@@ -55,43 +53,6 @@ class Args:
     """Digits only: print the classifier-agreement / Frechet report of the samples."""
 
 
-def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
-    p = Path(path)
-    sharded = [p] if p.name.endswith(".dcp") else list_sharded(p) if p.is_dir() and not list_checkpoints(p) else []
-    if sharded:  # an FSDP run's sharded checkpoint, read whole into this one process
-        meta = json.loads((sharded[0] / "meta.json").read_text())
-        model = from_record(meta["model"]).to(device)
-        groups, meta = load_full(sharded[0], model.state_dict())
-        if weights not in groups:
-            fail(f"--weights {weights}: the checkpoint holds {sorted(groups)}")
-        model.load_state_dict(groups[weights], strict=True)
-        return model.eval(), dict(model.named_parameters()), meta
-    try:
-        if p.is_dir():
-            file, tensors, meta, skipped = newest_good_checkpoint(p)
-            for why in skipped:
-                print(f"warning: skipped a damaged checkpoint: {why}", file=sys.stderr)
-        else:
-            file, (tensors, meta) = p, load_checkpoint(p)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    if "model" not in meta:
-        fail(f"{file} has no fastmf model record: not a checkpoint written by fastmf's train.py")
-    try:
-        groups = unflatten_state(tensors)
-    except ValueError as e:
-        fail(f"{file}: {e}")
-    if weights not in groups or weights == "opt":
-        fail(f"--weights {weights}: the checkpoint holds {sorted(g for g in groups if g != 'opt')}")
-    try:
-        model = from_record(meta["model"]).to(device)
-        model.load_state_dict(groups[weights], strict=True)
-    except (ValueError, RuntimeError) as e:
-        fail(f"{file} does not hold the model its record describes: {str(e).splitlines()[0]}")
-    model.eval()
-    return model, {k: v for k, v in model.named_parameters()}, meta
-
-
 def main(args: Args):
     device = resolve_device(args.device)
     if args.nfe < 1 or args.n < 1:
@@ -102,12 +63,7 @@ def main(args: Args):
     if not out.name.endswith((".png", ".npz", ".nii.gz", ".nii")):
         fail(f"--out must end in .png, .npz, .nii.gz or .nii, got {out}")
     model, params, meta = load_model(args.ckpt, args.weights, device)
-    if model.record["variant"] == "mf":
-        if args.omega not in (None, 1.0) or (args.t_min, args.t_max) != (0.0, 1.0):
-            fail("MF models take no guidance inputs: leave --omega, --t-min and --t-max at their defaults")
-        omega = 1.0
-    else:
-        omega = 2.0 if args.omega is None else args.omega
+    omega = guidance(model, args.omega, (args.t_min, args.t_max))
     num_classes, spec = model.spec.num_classes, model.spec
     if args.eval and (spec.in_channels, spec.input_size, num_classes) != (1, (8, 8), 10):
         fail("--eval judges digits: this model does not make 1x8x8 images of 10 classes")
@@ -129,12 +85,7 @@ def main(args: Args):
     z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=g).to(device)
     x = sample(functional(model), params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
     if args.vae:
-        from fastmf.prepare_latents import load_vae
-        vae = load_vae(args.vae, device)
-        from fastmf.data.arrays import denormalise_latent
-        norm = meta.get("latent_norm") or {"kind": "scale", "scaling_factor": float(vae.config.scaling_factor)}
-        with torch.no_grad():
-            x = vae.decode(denormalise_latent(x, norm)).sample.clamp(-1, 1)       # (B, 3, H, W) in [-1, 1]
+        x = latent_decoder(args.vae, meta, device)(x)                                # (B, 3, H, W) in [-1, 1]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))

@@ -1,4 +1,5 @@
-"""Quality metrics for generated samples: a digits classifier check and the Frechet distance.
+"""Quality metrics for generated samples: a digits classifier check and the Frechet distance
+(FID's Inception features are in fastmf/fid.py).
 
     judge = DigitsJudge()                    # SVC on the digits training split (~0.1 s)
     judge.agreement(samples, labels)         # fraction classified as their conditioning label
@@ -22,12 +23,30 @@ def _as_numpy(a: torch.Tensor | np.ndarray) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def frechet_distance(feat_a: torch.Tensor | np.ndarray, feat_b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussian fits of two feature sets (N_a, D) and (N_b, D).
+def frechet_from_moments(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """Frechet distance between N(mu_a, cov_a) and N(mu_b, cov_b), in float64:
 
-    |mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2), in float64. The
-    symmetric form needs only eigh, so it is real and stable even for singular covariances.
+    |mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2). The symmetric form needs
+    only eigh, so it is real and stable even for singular covariances (scipy's sqrtm of C_a C_b,
+    which ADM and pytorch-fid use, can return complex values there and needs an offset).
     """
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
+    if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (len(mu_a), len(mu_a)):
+        raise ValueError(f"moments do not match: means {mu_a.shape} and {mu_b.shape}, covariances "
+                         f"{cov_a.shape} and {cov_b.shape}")
+    if not all(np.isfinite(m).all() for m in (mu_a, mu_b, cov_a, cov_b)):
+        raise ValueError("moments contain NaN or inf")
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = sqrt_a @ cov_b @ sqrt_a
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    d = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross
+    return float(max(d, 0.0))  # rounding can leave a tiny negative for identical sets
+
+
+def frechet_distance(feat_a: torch.Tensor | np.ndarray, feat_b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussian fits of two feature sets (N_a, D) and (N_b, D)."""
     a, b = _as_numpy(feat_a).astype(np.float64), _as_numpy(feat_b).astype(np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"features must be (N, D) with equal D, got {a.shape} and {b.shape}")
@@ -35,14 +54,7 @@ def frechet_distance(feat_a: torch.Tensor | np.ndarray, feat_b: torch.Tensor | n
         raise ValueError(f"need >= 2 samples per feature set, got {len(a)} and {len(b)}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("features contain NaN or inf")
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False))  # D = 1 would give a scalar
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = sqrt_a @ cov_b @ sqrt_a
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
-    d = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross
-    return float(max(d, 0.0))  # rounding can leave a tiny negative for identical sets
+    return frechet_from_moments(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 class DigitsJudge:

@@ -14,11 +14,12 @@ input (its scaling layer is ImageNet's normalisation); ConvNeXt gets the [-1, 1]
 are, as pMF feeds them.
 """
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastmf.weights import load_weights
 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # pMF's paired random resized crop
 
@@ -151,33 +152,8 @@ class ConvNeXtV2(nn.Module):
 
 
 ####################################################################################################
-#                                       Loading, the term                                          #
+#                                            The term                                              #
 ####################################################################################################
-
-def load_weights(net: nn.Module, path: str | Path, flag: str, ignore=("head.fc.", "scaling_layer.")) -> nn.Module:
-    """Load a local weights file into net, frozen and in eval mode; a missing, unreadable or
-    mismatched file is a one-line ValueError naming it and the flag."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file (see the README for where to get it)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise their own types
-        raise ValueError(f"{flag} {path}: unreadable ({str(e).splitlines()[0][:200]})") from e
-    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    own = net.state_dict()
-    missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unknown or bad:
-        raise ValueError(f"{flag} {path} does not fit {type(net).__name__}: missing {missing[:3]}, unknown "
-                         f"{unknown[:3]}, other shapes {bad[:3]}")
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False)
-
 
 class Perceptual(nn.Module):
     """The perceptual distances pMF adds: each network's per-sample distance between the paired crops
@@ -188,9 +164,9 @@ class Perceptual(nn.Module):
         self.size = size
         self.nets = nn.ModuleDict()
         if lpips_weights:
-            self.nets["lpips"] = load_weights(LPIPS(), lpips_weights, "--lpips-weights")
+            self.nets["lpips"] = load_weights(LPIPS(), lpips_weights, "--lpips-weights", ignore=("scaling_layer.",))
         if convnext_weights:
-            self.nets["convnext"] = load_weights(ConvNeXtV2(), convnext_weights, "--convnext-weights")
+            self.nets["convnext"] = load_weights(ConvNeXtV2(), convnext_weights, "--convnext-weights", ignore=("head.fc.",))
         self.eval()
 
     def train(self, mode: bool = True):  # frozen in eval mode whatever the caller sets

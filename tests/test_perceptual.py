@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastmf.objectives import Draws, objective_defaults, perceptual_term
-from fastmf.perceptual import LPIPS, ConvNeXtV2, Perceptual, crop_boxes, load_weights, paired_crop
+from fastmf.perceptual import LPIPS, ConvNeXtV2, Perceptual, crop_boxes, paired_crop
+from fastmf.weights import load_weights
 
 
 def convnext_param_count(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):

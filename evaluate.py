@@ -1,0 +1,194 @@
+"""FID and Inception Score of a checkpoint, over the official evaluation sweep (EMA x NFE x omega x interval).
+
+    python evaluate.py --ckpt runs/pmf-b16 --inception pt_inception-2015-12-05-6726825d.pth \
+        --reference VIRTUAL_imagenet256_labeled.npz --omega 8.5 --interval 0.1,0.7 --weights ema_2000
+    python evaluate.py ... --omega 6.5 7.5 8.5 --interval 0.1,0.7 0.2,0.6 --weights ema_1000 ema_2000 --nfe 1 2
+    torchrun --nproc-per-node 8 evaluate.py ...          # the same samples and numbers on any number of GPUs
+
+Sample i of the n has label i % num_classes (class-balanced: 50 per class for 50,000 of ImageNet) and
+its own noise stream, the same for every setting. Each setting's result is written to --out as
+soon as it is known, and the best FID is reported with its setting, as the official evaluators do.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from fastmf import distributed
+from fastmf.cli import fail, resolve_device
+from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
+from fastmf.inception import load_fid_inception
+from fastmf.inference import generate, guidance, latent_decoder, load_model
+
+
+@dataclass
+class Args:
+    """FID / IS of a fastmf checkpoint's samples against reference statistics, for every combination of
+    --weights, --nfe, --omega and --interval. Needs the FID Inception weights as a local file (see the
+    README: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's equivalent)."""
+    ckpt: str
+    """Run folder (newest good checkpoint), ckpt_STEP.safetensors, or an FSDP run's ckpt_STEP.dcp."""
+    inception: str
+    """Local FID Inception-v3 weights (.pth read weights-only, or .safetensors)."""
+    reference: str
+    """Reference statistics: an .npz with mu and sigma (ADM's VIRTUAL_imagenet256_labeled.npz, the
+    official iMF/pMF imagenet_256_fid_stats.npz, torch-fidelity's), or an image folder / CSV whose
+    statistics are computed here (centre-cropped to the samples' size)."""
+    num_samples: int = 50_000
+    """Samples per setting."""
+    batch_size: int = 250
+    """Samples per forward pass, per process."""
+    weights: tuple[str, ...] = ("ema",)
+    """Weight groups to evaluate: 'ema', 'params', power-function EMAs such as 'ema_1000'."""
+    nfe: tuple[int, ...] = (1,)
+    """Sampling steps (2: t = 1 -> 0.5 -> 0, as the official samplers)."""
+    omega: tuple[float, ...] = ()
+    """CFG scales (default 2 for iMF / pMF; MF models take none)."""
+    interval: tuple[str, ...] = ("0,1",)
+    """Guidance intervals as t_min,t_max."""
+    seed: int = 0
+    """Seed of the samples' noise streams."""
+    resize: Literal["tf1", "bilinear"] = "tf1"
+    """How images reach 299 px: 'tf1' as the TF graph, ADM and torch-fidelity; 'bilinear' (half-pixel)
+    as the official iMF/pMF JAX evaluators, whose reference files were made that way."""
+    vae: str | None = None
+    """Latent models: the local diffusers AutoencoderKL folder that decodes samples to images."""
+    save_reference: str | None = None
+    """Write the statistics computed from an image-folder --reference to this .npz."""
+    workers: int = 4
+    """DataLoader workers that decode reference images."""
+    out: str | None = None
+    """Results JSON (default: fid.json beside the checkpoint)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', ..."""
+
+
+def parse_interval(s: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in s.split(","))
+    except ValueError:
+        fail(f"--interval takes t_min,t_max pairs such as 0.2,0.6, got {s!r}")
+    if not 0 <= lo <= hi <= 1:
+        fail(f"--interval {s}: need 0 <= t_min <= t_max <= 1")
+    return lo, hi
+
+
+def my_indices(n: int, dist: distributed.Dist) -> torch.Tensor:
+    """This rank's contiguous share of the sample indices 0..n-1."""
+    return torch.arange(dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world)
+
+
+def progress(total: int, desc: str, dist: distributed.Dist):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not dist.is_main, file=sys.stderr, leave=False)
+
+
+@torch.no_grad()
+def reference_stats(args: Args, size: int, inception, dist: distributed.Dist) -> tuple:
+    """(mu, sigma) of --reference: read from an .npz, or computed from an image folder (sharded over ranks)."""
+    path = Path(args.reference)
+    if path.suffix == ".npz":
+        return load_reference(path)
+    from fastmf.data.image_folder import ImageFolder
+    images = ImageFolder(path, size, 3)
+    stats = FeatureStats(len(images), device=dist.device)
+    mine = my_indices(len(images), dist)
+    loader = torch.utils.data.DataLoader([(int(i), False) for i in mine], batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=lambda keys: (
+                                             torch.stack([images[k][0] for k in keys]), torch.tensor([k[0] for k in keys])))
+    bar = progress(len(images), f"reference statistics of {len(images)} images", dist)
+    for x, index in loader:                                                     # x (b, 3, size, size) uint8
+        pool, logits = inception(x.to(dist.device))
+        stats.add(pool, logits, index)
+        bar.update(len(x) * dist.world)
+    bar.close()
+    stats.all_reduce()
+    if args.save_reference and dist.is_main:
+        save_reference(args.save_reference, stats)
+        print(f"wrote the reference statistics to {args.save_reference}", file=sys.stderr)
+    return stats.moments()
+
+
+@torch.no_grad()
+def evaluate(model, params, inception, reference, args: Args, setting: dict, decode, dist) -> dict:
+    """FID and IS of args.num_samples samples at one setting; every rank makes its share, rank sums are reduced."""
+    stats = FeatureStats(args.num_samples, device=dist.device)
+    mine = my_indices(args.num_samples, dist)
+    bar = progress(args.num_samples, f"{setting['weights']} nfe {setting['nfe']} omega {setting['omega']} "
+                           f"interval {setting['interval']}", dist)
+    for index in mine.split(args.batch_size):
+        x = generate(model, params, index, args.seed, setting["nfe"], setting["omega"], setting["interval"], decode)
+        pool, logits = inception(to_inception_input(x))
+        stats.add(pool, logits, index)
+        bar.update(len(index) * dist.world)
+    bar.close()
+    stats.all_reduce()
+    is_mean, is_std = stats.inception_score()
+    return setting | {"fid": stats.fid(reference), "is": is_mean, "is_std": is_std}
+
+
+def write_json(path: Path, results: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def main(args: Args):
+    if args.num_samples < 2 or args.batch_size < 1 or not args.nfe or min(args.nfe) < 1 or not args.weights:
+        fail(f"need --num-samples >= 2, --batch-size >= 1, --nfe >= 1 and some --weights; got {args.num_samples}, {args.batch_size}, "
+             f"{args.nfe}, {args.weights}")
+    if any(w < 1 for w in args.omega):
+        fail(f"--omega values must be >= 1, got {args.omega}")
+    intervals = [parse_interval(s) for s in args.interval]
+    reference_path = Path(args.reference)
+    if not reference_path.exists():
+        fail(f"--reference {reference_path}: no such file or folder")
+    dist = distributed.init(args.device, resolve_device)
+    try:
+        inception = load_fid_inception(args.inception, args.resize, dist.device)
+        model, params, meta = load_model(args.ckpt, args.weights[0], dist.device)
+        if model.spec.in_channels != 3 and not args.vae and model.spec.in_channels != 1:
+            fail(f"the model makes {model.spec.in_channels}-channel samples: latent models need --vae")
+        if len(model.spec.input_size) != 2:
+            fail("FID is for 2D images; for volumes see the README (Frechet distance of 3D features)")
+        decode = latent_decoder(args.vae, meta, dist.device) if args.vae else None
+        omegas = list(args.omega) or [guidance(model, None)]
+        for omega in omegas:
+            for interval in intervals:
+                guidance(model, omega, interval)                                # MF refuses guidance settings
+        size = generate(model, params, torch.tensor([0]), args.seed, 1, omegas[0], intervals[0], decode).shape[-1]
+        reference = reference_stats(args, size, inception, dist)
+    except ValueError as e:
+        fail(str(e))
+    ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "fid.json"
+    results = {"ckpt": str(ckpt), "reference": args.reference, "num_samples": args.num_samples, "seed": args.seed,
+               "resize": args.resize, "settings": [], "best": None}
+    for weights in args.weights:
+        if weights != args.weights[0]:
+            model, params, _ = load_model(args.ckpt, weights, dist.device)
+        for nfe in args.nfe:
+            for omega in omegas:
+                for interval in intervals:
+                    setting = {"weights": weights, "nfe": nfe, "omega": omega, "interval": list(interval)}
+                    r = evaluate(model, params, inception, reference, args, setting, decode, dist)
+                    results["settings"].append(r)
+                    results["best"] = min(results["settings"], key=lambda s: s["fid"])
+                    if dist.is_main:
+                        print(f"FID {r['fid']:.3f}  IS {r['is']:.2f} +- {r['is_std']:.2f}  {setting}")
+                        write_json(out, results)
+    if dist.is_main:
+        b = results["best"]
+        print(f"best: FID {b['fid']:.3f}, IS {b['is']:.2f} at weights {b['weights']}, {b['nfe']} NFE, omega "
+              f"{b['omega']}, interval {b['interval']} ({args.num_samples} samples); all settings in {out}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
