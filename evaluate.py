@@ -1,15 +1,16 @@
-"""FID and Inception Score of a checkpoint, over the official evaluation sweep (EMA x NFE x omega x interval).
+"""FID and Inception Score of a checkpoint, over the official evaluation sweep (EMA x NFE x omega x interval);
+for volume models a Frechet distance of 3D features (MedicalNet, or a documented fixed random map).
 
     python evaluate.py --ckpt runs/pmf-b16 --inception pt_inception-2015-12-05-6726825d.pth \
         --reference VIRTUAL_imagenet256_labeled.npz --omega 8.5 --interval 0.1,0.7 --weights ema_2000
     python evaluate.py ... --omega 6.5 7.5 8.5 --interval 0.1,0.7 0.2,0.6 --weights ema_1000 ema_2000 --nfe 1 2
     torchrun --nproc-per-node 8 evaluate.py ...          # the same samples and numbers on any number of GPUs
+    python evaluate.py --ckpt runs/brain --reference nifti_dir --volume-features resnet_50.pth --num-samples 1000
 
 Sample i of the n has label i % num_classes (class-balanced: 50 per class for 50,000 of ImageNet) and
 its own noise stream, the same for every setting. Each setting's result is written to --out as
 soon as it is known, and the best FID is reported with its setting, as the official evaluators do.
 """
-from __future__ import annotations
 
 import json
 import sys
@@ -34,12 +35,19 @@ class Args:
     README: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's equivalent)."""
     ckpt: str
     """Run folder (newest good checkpoint), ckpt_STEP.safetensors, or an FSDP run's ckpt_STEP.dcp."""
-    inception: str
-    """Local FID Inception-v3 weights (.pth read weights-only, or .safetensors)."""
     reference: str
     """Reference statistics: an .npz with mu and sigma (ADM's VIRTUAL_imagenet256_labeled.npz, the
-    official iMF/pMF imagenet_256_fid_stats.npz, torch-fidelity's), or an image folder / CSV whose
-    statistics are computed here (centre-cropped to the samples' size)."""
+    official iMF/pMF imagenet_256_fid_stats.npz, torch-fidelity's, or --save-reference's), an image
+    folder / CSV (centre-cropped to the samples' size), or for volume models a NIfTI folder (resampled
+    as for training) whose statistics are computed here."""
+    inception: str | None = None
+    """Images: local FID Inception-v3 weights (.pth read weights-only, or .safetensors)."""
+    volume_features: str | None = None
+    """Volumes: a MedicalNet 3D ResNet weights file (resnet_10 ... resnet_200 .pth) for the Frechet
+    distance; without one, a fixed random convolutional feature map (see fastmf/volume_features.py:
+    its distances compare runs of one setup, not published numbers)."""
+    voxel_size: float | None = None
+    """Volumes: isotropic voxel size (mm) a NIfTI --reference is resampled to (default: as load_volumes)."""
     num_samples: int = 50_000
     """Samples per setting."""
     batch_size: int = 250
@@ -89,23 +97,56 @@ def progress(total: int, desc: str, dist: distributed.Dist):
     return tqdm(total=total, desc=desc, unit="img", disable=not dist.is_main, file=sys.stderr, leave=False)
 
 
-@torch.no_grad()
-def reference_stats(args: Args, size: int, inception, dist: distributed.Dist) -> tuple:
-    """(mu, sigma) of --reference: read from an .npz, or computed from an image folder (sharded over ranks)."""
+class Features:
+    """The feature space of the Frechet distance: the FID Inception for images (with IS logits), a
+    MedicalNet or the fixed random map for volumes. Called on samples in [-1, 1]."""
+
+    def __init__(self, args: Args, spec, device):
+        self.volumes = len(spec.input_size) == 3
+        if self.volumes:
+            from fastmf.volume_features import RandomConvFeatures, medicalnet_resnet
+            net = medicalnet_resnet(args.volume_features) if args.volume_features else RandomConvFeatures(spec.in_channels)
+            self.net, self.dim, self.classes = net.to(device), net.dim, 0
+            self.name = f"medicalnet {args.volume_features}" if args.volume_features else "random-conv-3d (seed 0)"
+        else:
+            if not args.inception:
+                fail("--inception PATH is needed for images: the FID Inception-v3 weights (see the README)")
+            self.net, self.dim, self.classes = load_fid_inception(args.inception, args.resize, device), 2048, 1008
+            self.name = f"fid-inception-v3 {args.inception} ({args.resize} resize)"
+        self.metric = "fd3d" if self.volumes else "fid"
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (self.net(x), None) if self.volumes else self.net(to_inception_input(x))
+
+    def stats(self, n: int, device) -> FeatureStats:
+        return FeatureStats(n, self.dim, max(self.classes, 1), device=device)
+
+
+def reference_samples(args: Args, size: int, features: Features):
+    """The reference set in [-1, 1] as (dataset, loader of (x, index)) for a folder --reference."""
     path = Path(args.reference)
-    if path.suffix == ".npz":
-        return load_reference(path)
+    if features.volumes:
+        from fastmf.data.volumes import load_volumes
+        x = load_volumes(path, size, args.voxel_size)[0]                        # (N, 1, S, S, S)
+        return len(x), lambda mine: ((x[i], i) for i in mine.split(args.batch_size))
     from fastmf.data.image_folder import ImageFolder
+    from fastmf.data.loader import to_model_range
     images = ImageFolder(path, size, 3)
-    stats = FeatureStats(len(images), device=dist.device)
-    mine = my_indices(len(images), dist)
-    loader = torch.utils.data.DataLoader([(int(i), False) for i in mine], batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=lambda keys: (
-                                             torch.stack([images[k][0] for k in keys]), torch.tensor([k[0] for k in keys])))
-    bar = progress(len(images), f"reference statistics of {len(images)} images", dist)
-    for x, index in loader:                                                     # x (b, 3, size, size) uint8
-        pool, logits = inception(x.to(dist.device))
-        stats.add(pool, logits, index)
+    collate = lambda keys: (to_model_range(torch.stack([images[k][0] for k in keys])), torch.tensor([k[0] for k in keys]))
+    return len(images), lambda mine: torch.utils.data.DataLoader(
+        [(int(i), False) for i in mine], batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+
+
+@torch.no_grad()
+def reference_stats(args: Args, size: int, features: Features, dist: distributed.Dist) -> tuple:
+    """(mu, sigma) of --reference: read from an .npz, or computed from a folder (sharded over ranks)."""
+    if Path(args.reference).suffix == ".npz":
+        return load_reference(args.reference)
+    n, batches = reference_samples(args, size, features)
+    stats = features.stats(n, dist.device)
+    bar = progress(n, f"reference statistics of {n} samples", dist)
+    for x, index in batches(my_indices(n, dist)):                               # x (b, C, *S) in [-1, 1]
+        stats.add(*features(x.to(dist.device)), index)
         bar.update(len(x) * dist.world)
     bar.close()
     stats.all_reduce()
@@ -116,21 +157,22 @@ def reference_stats(args: Args, size: int, inception, dist: distributed.Dist) ->
 
 
 @torch.no_grad()
-def evaluate(model, params, inception, reference, args: Args, setting: dict, decode, dist) -> dict:
-    """FID and IS of args.num_samples samples at one setting; every rank makes its share, rank sums are reduced."""
-    stats = FeatureStats(args.num_samples, device=dist.device)
-    mine = my_indices(args.num_samples, dist)
+def evaluate(model, params, features: Features, reference, args: Args, setting: dict, decode, dist) -> dict:
+    """The Frechet distance (and IS for images) of args.num_samples samples at one setting; every rank
+    makes its share, the ranks' sums are reduced."""
+    stats = features.stats(args.num_samples, dist.device)
     bar = progress(args.num_samples, f"{setting['weights']} nfe {setting['nfe']} omega {setting['omega']} "
-                           f"interval {setting['interval']}", dist)
-    for index in mine.split(args.batch_size):
+                                     f"interval {setting['interval']}", dist)
+    for index in my_indices(args.num_samples, dist).split(args.batch_size):
         x = generate(model, params, index, args.seed, setting["nfe"], setting["omega"], setting["interval"], decode)
-        pool, logits = inception(to_inception_input(x))
-        stats.add(pool, logits, index)
+        stats.add(*features(x), index)
         bar.update(len(index) * dist.world)
     bar.close()
     stats.all_reduce()
-    is_mean, is_std = stats.inception_score()
-    return setting | {"fid": stats.fid(reference), "is": is_mean, "is_std": is_std}
+    result = setting | {features.metric: stats.fid(reference)}
+    if not features.volumes:
+        result["is"], result["is_std"] = stats.inception_score()
+    return result
 
 
 def write_json(path: Path, results: dict):
@@ -151,25 +193,24 @@ def main(args: Args):
         fail(f"--reference {reference_path}: no such file or folder")
     dist = distributed.init(args.device, resolve_device)
     try:
-        inception = load_fid_inception(args.inception, args.resize, dist.device)
         model, params, meta = load_model(args.ckpt, args.weights[0], dist.device)
-        if model.spec.in_channels != 3 and not args.vae and model.spec.in_channels != 1:
+        if model.spec.in_channels not in (1, 3) and not args.vae:
             fail(f"the model makes {model.spec.in_channels}-channel samples: latent models need --vae")
-        if len(model.spec.input_size) != 2:
-            fail("FID is for 2D images; for volumes see the README (Frechet distance of 3D features)")
+        features = Features(args, model.spec, dist.device)
         decode = latent_decoder(args.vae, meta, dist.device) if args.vae else None
         omegas = list(args.omega) or [guidance(model, None)]
         for omega in omegas:
             for interval in intervals:
                 guidance(model, omega, interval)                                # MF refuses guidance settings
         size = generate(model, params, torch.tensor([0]), args.seed, 1, omegas[0], intervals[0], decode).shape[-1]
-        reference = reference_stats(args, size, inception, dist)
+        reference = reference_stats(args, size, features, dist)
     except ValueError as e:
         fail(str(e))
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "fid.json"
-    results = {"ckpt": str(ckpt), "reference": args.reference, "num_samples": args.num_samples, "seed": args.seed,
-               "resize": args.resize, "settings": [], "best": None}
+    metric = features.metric
+    results = {"ckpt": str(ckpt), "reference": args.reference, "features": features.name,
+               "num_samples": args.num_samples, "seed": args.seed, "settings": [], "best": None}
     for weights in args.weights:
         if weights != args.weights[0]:
             model, params, _ = load_model(args.ckpt, weights, dist.device)
@@ -177,15 +218,16 @@ def main(args: Args):
             for omega in omegas:
                 for interval in intervals:
                     setting = {"weights": weights, "nfe": nfe, "omega": omega, "interval": list(interval)}
-                    r = evaluate(model, params, inception, reference, args, setting, decode, dist)
+                    r = evaluate(model, params, features, reference, args, setting, decode, dist)
                     results["settings"].append(r)
-                    results["best"] = min(results["settings"], key=lambda s: s["fid"])
+                    results["best"] = min(results["settings"], key=lambda s: s[metric])
                     if dist.is_main:
-                        print(f"FID {r['fid']:.3f}  IS {r['is']:.2f} +- {r['is_std']:.2f}  {setting}")
+                        score = f"  IS {r['is']:.2f} +- {r['is_std']:.2f}" if "is" in r else ""
+                        print(f"{metric.upper()} {r[metric]:.4g}{score}  {setting}")
                         write_json(out, results)
     if dist.is_main:
         b = results["best"]
-        print(f"best: FID {b['fid']:.3f}, IS {b['is']:.2f} at weights {b['weights']}, {b['nfe']} NFE, omega "
+        print(f"best: {metric.upper()} {b[metric]:.4g} at weights {b['weights']}, {b['nfe']} NFE, omega "
               f"{b['omega']}, interval {b['interval']} ({args.num_samples} samples); all settings in {out}")
     distributed.shutdown()
 

@@ -6,23 +6,31 @@
 refuses anything but tensors and plain containers.
 """
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 
-def load_weights(net: nn.Module, path: str | Path, flag: str, ignore: tuple[str, ...] = ()) -> nn.Module:
+def read_state(path: Path) -> dict:
+    """A .safetensors file, or a .pth read weights-only."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_weights(net: nn.Module, path: str | Path, flag: str, ignore: tuple[str, ...] = (),
+                 read: Callable[[Path], dict] = read_state) -> nn.Module:
     """Load a local weights file into net, frozen and in eval mode; a missing, unreadable or
-    mismatched file is a one-line ValueError naming it and the flag."""
+    mismatched file is a one-line ValueError naming it and the flag. `read` turns the file into a
+    state dict with net's names (e.g. unwrapping a checkpoint or renaming another library's keys);
+    keys starting with `ignore` are dropped."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file (see the README for where to get it)")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = read(path)
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise their own types
         raise ValueError(f"{flag} {path}: unreadable ({str(e).splitlines()[0][:200]})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -170,3 +170,51 @@ def test_generated_samples_do_not_depend_on_batching():
     parts = torch.cat([generate(model, params, i, seed=3, nfe=2, omega=2.0, interval=(0.1, 0.7)) for i in idx.split(3)])
     assert torch.allclose(whole, parts, atol=1e-6)
     assert not torch.allclose(whole, generate(model, params, idx, seed=4, nfe=2, omega=2.0, interval=(0.1, 0.7)))
+
+
+def medicalnet_file(path: Path, blocks, bottleneck, shortcut) -> Path:
+    """A random-init MedicalNet ResNet saved as MedicalNet saves it: {'state_dict': {'module.' + name}},
+    with its segmentation head."""
+    from fastmf.volume_features import MedicalNetResNet
+    state = {f"module.{k}": v for k, v in MedicalNetResNet(blocks, bottleneck, shortcut).state_dict().items()}
+    torch.save({"state_dict": state | {"module.conv_seg.0.weight": torch.zeros(2, 2)}}, str(path))
+    return path
+
+
+def test_medicalnet_is_built_from_its_file(tmp_path):
+    from fastmf.volume_features import Bottleneck, MedicalNetResNet, ShortcutA, medicalnet_resnet
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    basic = medicalnet_resnet(medicalnet_file(tmp_path / "r10.pth", (1, 1, 1, 1), False, "B"))
+    assert basic.dim == 512 and basic(x).shape == (2, 512)
+    shortcut_a = medicalnet_resnet(medicalnet_file(tmp_path / "r18a.pth", (2, 2, 2, 2), False, "A"))
+    assert isinstance(shortcut_a.layer2[0].downsample, ShortcutA) and len(shortcut_a.layer1) == 2
+    deep = medicalnet_resnet(medicalnet_file(tmp_path / "b.pth", (1, 2, 1, 1), True, "B"))
+    assert isinstance(deep.layer1[0], Bottleneck) and deep(x).shape == (2, 2048) and len(deep.layer2) == 2
+    # the per-volume z-score makes the features blind to an intensity scale, as MedicalNet's pretraining
+    assert torch.allclose(basic(x), basic(3 * x), atol=1e-5)
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2)}}, str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="not a MedicalNet 3D ResNet"):
+        medicalnet_resnet(tmp_path / "other.pth")
+    assert MedicalNetResNet((1, 1, 1, 1), False, "B").training  # built fresh it trains; loaded it is frozen
+    assert not basic.training and not any(p.requires_grad for p in basic.parameters())
+
+
+def test_volume_frechet_distance_end_to_end(tmp_path):
+    import nibabel as nib
+    from fastmf.data import make_phantoms
+    from test_train import small, train
+    evaluate = __import__("test_train").load_script("evaluate")
+    train.main(small(tmp_path / "run", data="phantom3d", image_size=16, steps=2, batch_size=2, sample_every=100,
+                     ckpt_every=2, log_every=1, eval_samples=0))
+    (tmp_path / "ref").mkdir()
+    for i, v in enumerate(make_phantoms(6, 16, seed=1)[0]):
+        nib.save(nib.Nifti1Image(v[0].numpy(), np.eye(4)), str(tmp_path / "ref" / f"{i}.nii.gz"))
+    common = dict(ckpt=str(tmp_path / "run"), reference=str(tmp_path / "ref"), num_samples=4, batch_size=2,
+                  omega=(1.0, 2.0), voxel_size=1.0, device="cpu")
+    evaluate.main(evaluate.Args(**common, out=str(tmp_path / "random.json")))
+    r = json.loads((tmp_path / "random.json").read_text())
+    assert r["features"].startswith("random-conv-3d") and len(r["settings"]) == 2
+    assert all(s["fd3d"] > 0 and "is" not in s for s in r["settings"])
+    evaluate.main(evaluate.Args(**common, out=str(tmp_path / "mn.json"),
+                                volume_features=str(medicalnet_file(tmp_path / "r10.pth", (1, 1, 1, 1), False, "B"))))
+    assert json.loads((tmp_path / "mn.json").read_text())["features"].startswith("medicalnet")
