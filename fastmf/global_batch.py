@@ -40,9 +40,8 @@ def draw_rows(sample_shape: tuple, rows: slice, B: int, seed: int, step: int, cf
     """
     gen = torch.Generator().manual_seed(stream_key(seed, step))
     like = torch.empty(0, dtype=torch.float32)
-    t, r = sample_t_r(B, gen, like, cfg)
     fm = flow_matching_rows(B, cfg.data_proportion)
-    r = torch.where(fm, t, r)
+    t, r = sample_t_r(fm, gen, like, cfg)
     omega, t_min, t_max, num_drop = draw_conditions(fm, gen, like, cfg)
     crop = torch.rand((B, 4), generator=gen) if uses_perceptual(cfg) else None  # drawn last: as objectives.draw
     fm_first = torch.cat([torch.nonzero(fm).flatten(), torch.nonzero(~fm).flatten()])

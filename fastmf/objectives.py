@@ -18,6 +18,8 @@ from fastmf.models.xpred import clipped_t
 
 # Reference values that differ by variant, for the ObjectiveConfig fields left None: MF
 # (meanflow configs/default.py) data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8.
+TR_UNIFORM_FRACTION = 0.1  # pMF's tr_uniform share
+
 VARIANT_DEFAULTS = {
     "mf": dict(data_proportion=0.75, P_mean=-0.4, P_std=1.0),
     "imf": dict(data_proportion=0.5, P_mean=-0.4, P_std=1.0),
@@ -66,6 +68,8 @@ class ObjectiveConfig:
     """pMF: the perceptual terms apply only where t < this (pMF B/16, L/16: 0.8)."""
     perceptual_size: int = 224
     """pMF: the paired random resized crop's output size (224, the networks' training size)."""
+    tr_uniform: bool = False
+    """Draw (t, r) of 10% of the samples uniformly instead of logit-normal (pMF's H/16 and H/32 configs)."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -123,18 +127,32 @@ def _rand(shape, gen: torch.Generator, like: torch.Tensor, normal: bool) -> torc
     return fn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def sample_t_r(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
-    """Logit-normal t and r (B,) with t >= r (the max and min of two draws)."""
+def sample_t_r(fm_mask: torch.Tensor, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
+    """t >= r (B,) for a batch whose fm_mask rows are flow matching (r = t), in the reference order.
+
+    t and r are logit-normal; with tr_uniform (pMF H) 10% of the rows take independent uniforms for
+    both instead. MF and iMF sort (t, r = max, min) and then set r = t on the flow-matching rows,
+    whose t is so the larger of two draws; pMF sets r = t first and sorts after, so its
+    flow-matching t is a single draw.
+    """
+    B = fm_mask.shape[0]
     t = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
     r = torch.sigmoid(_rand((B,), gen, like, True) * cfg.P_std + cfg.P_mean)
-    return torch.maximum(t, r), torch.minimum(t, r)
+    if cfg.tr_uniform:
+        uniform = _rand((B,), gen, like, False) < TR_UNIFORM_FRACTION
+        t = torch.where(uniform, _rand((B,), gen, like, False), t)
+        r = torch.where(uniform, _rand((B,), gen, like, False), r)
+    if cfg.variant == "pmf":
+        r = torch.where(fm_mask, t, r)
+        return torch.maximum(t, r), torch.minimum(t, r)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    return t, torch.where(fm_mask, t, r)
 
 
 def sample_tr(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveConfig):
-    """`sample_t_r`, then the first int(B * data_proportion) samples get r = t (flow matching)."""
-    t, r = sample_t_r(B, gen, like, cfg)
+    """The first int(B * data_proportion) samples are flow matching: (t, r, fm_mask) by `sample_t_r`."""
     fm_mask = torch.arange(B, device=like.device) < int(B * cfg.data_proportion)
-    return t, torch.where(fm_mask, t, r), fm_mask
+    return (*sample_t_r(fm_mask, gen, like, cfg), fm_mask)
 
 
 def sample_omega(u: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:

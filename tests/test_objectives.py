@@ -161,6 +161,39 @@ def test_draws_follow_the_reference_distributions():
     assert objective_defaults("pmf").P_mean == 0.8
 
 
+def reference_sample_tr(B, gen, cfg, pmf_order):
+    """imf.py's / pmf.py's sample_tr transcribed (torch RNG in the same order): logit-normal t, r;
+    pMF's tr_uniform mask and uniforms; iMF sorts then sets r = t on the first int(B p) rows, pMF
+    sets r = t and then sorts."""
+    ln = lambda: torch.sigmoid(torch.randn(B, generator=gen) * cfg.P_std + cfg.P_mean)
+    t, r = ln(), ln()
+    if cfg.tr_uniform:
+        mask = torch.rand(B, generator=gen) < 0.1
+        t = torch.where(mask, torch.rand(B, generator=gen), t)
+        r = torch.where(mask, torch.rand(B, generator=gen), r)
+    fm = torch.arange(B) < int(B * cfg.data_proportion)
+    if not pmf_order:
+        t, r = torch.maximum(t, r), torch.minimum(t, r)
+    r = torch.where(fm, t, r)
+    return torch.maximum(t, r), torch.minimum(t, r)
+
+
+@pytest.mark.parametrize("variant,tr_uniform", [("imf", False), ("mf", False), ("pmf", False), ("pmf", True)])
+def test_t_r_draws_equal_the_reference_sample_tr(variant, tr_uniform):
+    cfg = objective_defaults(variant, num_classes=NC, tr_uniform=tr_uniform)
+    B = 20_000
+    d = draw(torch.zeros(B, 1, 1, 1), torch.Generator().manual_seed(1), cfg)
+    t, r = reference_sample_tr(B, torch.Generator().manual_seed(1), cfg, pmf_order=variant == "pmf")
+    assert torch.equal(d.t, t) and torch.equal(d.r, r)
+    # What the order changes: pMF's flow-matching t is one logit-normal draw (half of it below the
+    # draw's median sigmoid(P_mean)); iMF's is the larger of two (a quarter below it).
+    below = (d.t[d.fm_mask] < torch.sigmoid(torch.tensor(cfg.P_mean))).float().mean().item()
+    expected = (0.5 if variant == "pmf" else 0.25) * (0.9 if tr_uniform else 1.0) + (0.1 * 0.69 if tr_uniform else 0)
+    assert abs(below - expected) < 0.02
+    if tr_uniform:  # uniform rows reach t < 0.05, which the logit-normal (0.8, 0.8) almost never does
+        assert 0.002 < (d.t < 0.05).float().mean().item() < 0.008
+
+
 def test_public_losses_are_deterministic_given_generator_and_check_config():
     model, apply, params, x, y, cfg, d = setup("imf")
     l1, _ = imf_loss(apply, params, x, y, torch.Generator().manual_seed(3), cfg)
