@@ -12,6 +12,7 @@ its own noise stream, the same for every setting. Each setting's result is writt
 soon as it is known, and the best FID is reported with its setting, as the official evaluators do.
 """
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from fastmf.cli import fail, resolve_device
 from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
 from fastmf.inception import load_fid_inception
 from fastmf.inference import generate, guidance, latent_decoder, load_model
+from fastmf.recipes import RECIPES
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Args:
     """CFG scales (default 2 for iMF / pMF; MF models take none)."""
     interval: tuple[str, ...] = ("0,1",)
     """Guidance intervals as t_min,t_max."""
+    recipe: str | None = None
+    """Take --omega, --interval, --weights and --nfe, where not given, from an official model's evaluation
+    settings (fastmf/recipes.py, README table: pmf-b16 ... pmf-h32, imf-b2 ... imf-xl2). A converted
+    official checkpoint holds its weights as 'ema' and is evaluated with those."""
     seed: int = 0
     """Seed of the samples' noise streams."""
     resize: Literal["tf1", "bilinear"] = "tf1"
@@ -85,6 +91,15 @@ def parse_interval(s: str) -> tuple[float, float]:
     if not 0 <= lo <= hi <= 1:
         fail(f"--interval {s}: need 0 <= t_min <= t_max <= 1")
     return lo, hi
+
+
+def with_evaluation(args: Args, ev, converted: bool) -> Args:
+    """args with a recipe's evaluation settings where the flags were left at their defaults."""
+    default = Args(ckpt="", reference="")
+    pick = lambda name, value: value if getattr(args, name) == getattr(default, name) else getattr(args, name)
+    return dataclasses.replace(args, omega=pick("omega", (ev.omega,)), nfe=pick("nfe", (ev.nfe,)),
+                               interval=pick("interval", (f"{ev.interval[0]},{ev.interval[1]}",)),
+                               weights=pick("weights", ("ema",) if converted else (ev.weights,)))
 
 
 def my_indices(n: int, dist: distributed.Dist) -> torch.Tensor:
@@ -191,9 +206,18 @@ def main(args: Args):
     reference_path = Path(args.reference)
     if not reference_path.exists():
         fail(f"--reference {reference_path}: no such file or folder")
+    if args.recipe is not None and (args.recipe not in RECIPES or RECIPES[args.recipe].evaluation is None):
+        fail(f"--recipe {args.recipe}: choose one of {', '.join(n for n, r in RECIPES.items() if r.evaluation)}")
     dist = distributed.init(args.device, resolve_device)
     try:
-        model, params, meta = load_model(args.ckpt, args.weights[0], dist.device)
+        model, params, meta = load_model(args.ckpt, "ema", dist.device)  # every fastmf checkpoint holds "ema"
+        if args.recipe:
+            args = with_evaluation(args, RECIPES[args.recipe].evaluation, converted="converted_from" in meta)
+            intervals = [parse_interval(s) for s in args.interval]
+            print(f"{args.recipe}'s evaluation: weights {args.weights}, nfe {args.nfe}, omega {args.omega}, "
+                  f"interval {args.interval}", file=sys.stderr)
+        if args.weights[0] != "ema":
+            model, params, meta = load_model(args.ckpt, args.weights[0], dist.device)
         if model.spec.in_channels not in (1, 3) and not args.vae:
             fail(f"the model makes {model.spec.in_channels}-channel samples: latent models need --vae")
         features = Features(args, model.spec, dist.device)

@@ -4,15 +4,17 @@ the command line (`--model mit-b --variant pmf --steps 100`), stored whole in ev
 Defaults are stated once, here or in the dataclass they belong to (ObjectiveConfig's per-variant
 values, the backbone presets); those that depend on another option are None and derived.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import tyro
 
 from fastmf.models import PRESETS
 from fastmf.objectives import ObjectiveConfig
+from fastmf.recipes import RECIPES
 
 ModelName = Literal[tuple(PRESETS)]  # the registry's presets are the CLI's choices
+RecipeName = Literal[tuple(n for n, r in RECIPES.items() if r.options)]
 
 
 @dataclass
@@ -141,6 +143,9 @@ class TrainConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    recipe: RecipeName | None = None
+    """An official recipe (fastmf/recipes.py; README table): its model, image size, patch size, loss,
+    optimiser, batch, steps and EMAs become the defaults, and any other flag still overrides them."""
     seed: int = 0
     """Seed of the initial weights, the data order, every draw of the loss, and the digits split."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -150,6 +155,24 @@ class TrainConfig:
     fast, equal one."""
 
 
+def with_recipe(name: str) -> TrainConfig:
+    """The default config with recipe `name`'s options (flat field names) in their groups."""
+    options = dict(RECIPES[name].options)
+    groups = {}
+    for f in fields(TrainConfig):
+        if f.name in ("model", "objective", "perceptual", "optim", "data", "run"):
+            cls = f.default_factory
+            groups[f.name] = cls(**{k: options.pop(k) for k in [g.name for g in fields(cls)] if k in options})
+    if options:
+        raise ValueError(f"recipe {name} sets unknown options {sorted(options)}")
+    return TrainConfig(**groups, recipe=name)
+
+
 def parse(args: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from the command line, flags without group prefixes."""
-    return tyro.cli(TrainConfig, args=args, config=(tyro.conf.OmitArgPrefixes,))
+    """TrainConfig from the command line, flags without group prefixes; --recipe NAME sets the defaults."""
+    import sys
+    argv = list(sys.argv[1:] if args is None else args)
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--recipe"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--recipe=")), None)
+    default = with_recipe(name) if name in RecipeName.__args__ else None  # an unknown name: tyro's error
+    return tyro.cli(TrainConfig, args=argv, default=default, config=(tyro.conf.OmitArgPrefixes,))

@@ -83,11 +83,12 @@ def sizes(state: dict[str, torch.Tensor], variant: str, image_size: int | None) 
                 num_classes=state["net.y_embedder.embedding_table._flax_embedding.weight"].shape[0] - 1, **tokens)
 
 
-def preset_name(cfg: dict) -> str:
-    """The MiT preset of these sizes, else mit-tiny (the record's config carries the sizes either way)."""
+def preset_name(cfg: dict, variant: str) -> str:
+    """The MiT preset of these sizes, the variant's own first (pmf-l before mit-l), else mit-tiny (the
+    record's config carries the sizes either way)."""
     keys = ("depth", "hidden_size", "num_heads", "aux_head_depth")
-    return next((n for n, p in PRESETS.items() if n.startswith("mit-") and all(p.get(k) == cfg[k] for k in keys)),
-                "mit-tiny")
+    names = sorted((n for n in PRESETS if n.startswith(("mit-", "pmf-"))), key=lambda n: not n.startswith(variant))
+    return next((n for n in names if all(PRESETS[n].get(k) == cfg[k] for k in keys)), "mit-tiny")
 
 
 def convert(variant: str, path: Path, image_size: int | None = None):
@@ -97,7 +98,7 @@ def convert(variant: str, path: Path, image_size: int | None = None):
         cfg = sizes(state, variant, image_size)
     except KeyError as e:
         fail(f"{path} lacks {e}, which sets the model's size: not an official {variant} checkpoint")
-    model = build(preset_name(cfg), variant, **cfg)
+    model = build(preset_name(cfg, variant), variant, **cfg)
     mapped = to_fastmf_names(state, variant)
     expected = dict(model.named_parameters())
     missing, unknown = sorted(set(expected) - set(mapped)), sorted(set(mapped) - set(expected))

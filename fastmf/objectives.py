@@ -66,6 +66,8 @@ class ObjectiveConfig:
     """pMF: weight of the adaptively weighted ConvNeXt-V2 feature term (pMF's configs: 0.1; needs --convnext-weights)."""
     perceptual_max_t: float = 1.0
     """pMF: the perceptual terms apply only where t < this (pMF B/16, L/16: 0.8)."""
+    convnext_max_t: float | None = None
+    """pMF: the ConvNeXt term's own gate (default: perceptual_max_t); pMF's H configs name 0.6."""
     perceptual_size: int = 224
     """pMF: the paired random resized crop's output size (224, the networks' training size)."""
     tr_uniform: bool = False
@@ -88,7 +90,9 @@ class ObjectiveConfig:
                   ("mf_t_start", 0 <= self.mf_t_start <= self.mf_t_end <= 1, "<= --mf-t-end, both in [0, 1]"),
                   ("num_classes", self.num_classes >= 1, ">= 1"),
                   ("lpips_lambda", self.lpips_lambda >= 0 and self.convnext_lambda >= 0, ">= 0, as --convnext-lambda"),
-                  ("perceptual_size", self.perceptual_size >= 1, ">= 1")]
+                  ("perceptual_size", self.perceptual_size >= 1, ">= 1"),
+                  ("perceptual_max_t", 0 <= self.perceptual_max_t <= 1 and 0 <= (self.convnext_max_t or 0) <= 1,
+                   "in [0, 1], as --convnext-max-t")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)}")
@@ -247,12 +251,14 @@ def interpolate(x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
 
 
 def perceptual_term(perceptual: Callable, pred_x: torch.Tensor, x: torch.Tensor, d: Draws, cfg: ObjectiveConfig):
-    """pMF: sum over terms of lambda x adaptive_weight(distance) per sample, only where t < perceptual_max_t
-    (pmf.py); returns ((B,), metrics)."""
+    """pMF: sum over terms of lambda x adaptive_weight(distance) per sample, only where t < the term's
+    gate (perceptual_max_t, pmf.py; convnext_max_t for ConvNeXt where set); returns ((B,), metrics)."""
     lambdas = {"lpips": cfg.lpips_lambda, "convnext": cfg.convnext_lambda}
+    gates = {"lpips": cfg.perceptual_max_t,
+             "convnext": cfg.perceptual_max_t if cfg.convnext_max_t is None else cfg.convnext_max_t}
     total, metrics = 0.0, {}
     for name, dist in perceptual(pred_x, x, d.crop).items():
-        dist = torch.where(d.t < cfg.perceptual_max_t, dist, 0.0)
+        dist = torch.where(d.t < gates[name], dist, 0.0)
         total = total + lambdas[name] * adaptive_weight(dist, cfg)
         metrics[f"loss_{name}"] = dist.mean().detach()
     return total, metrics

@@ -7,19 +7,22 @@ paired random resized crop; each network frozen, in eval mode, outside the train
 The architectures are written out with the parameter names of the packages whose weights users
 have: LPIPS as `lpips.LPIPS(net="vgg").state_dict()` names it (VGG16 slices + learned linear
 heads), ConvNeXt-V2 base as timm's `convnextv2_base` (stem, 4 stages of 3/3/27/3 blocks with
-GRN, head norm). Weights are loaded from local files only (.safetensors, or a .pth read with
-weights_only=True). The ConvNeXt feature is pMF's: the global average pool of the last stage
+GRN, head norm); Hugging Face's ConvNextV2 names (pMF loads `facebook/convnextv2-base-22k-224`
+through transformers) are renamed on load. Weights are loaded from local files only (.safetensors,
+or a .pth read with weights_only=True). The ConvNeXt feature is pMF's: the global average pool of the last stage
 through the head's LayerNorm; its distance the squared L2 of those features. LPIPS takes [-1, 1]
 input (its scaling layer is ImageNet's normalisation); ConvNeXt gets the [-1, 1] images as they
 are, as pMF feeds them.
 """
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmf.weights import load_weights
+from fastmf.weights import load_weights, read_state
 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # pMF's paired random resized crop
 
@@ -155,6 +158,34 @@ class ConvNeXtV2(nn.Module):
 #                                            The term                                              #
 ####################################################################################################
 
+HF_RENAMES = [  # Hugging Face transformers' ConvNextV2 names -> timm's (regex, replacement), in order
+    (r"^embeddings\.patch_embeddings\.", "stem.0."), (r"^embeddings\.layernorm\.", "stem.1."),
+    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.", r"stages.\1.blocks.\2.mlp.grn."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^layernorm\.", "head.norm."), (r"^classifier\.", "head.fc."),
+]
+
+
+def convnext_state(path: Path) -> dict[str, torch.Tensor]:
+    """A ConvNeXt-V2 base weights file with timm's names, or Hugging Face's
+    (`facebook/convnextv2-base-22k-224`, as pMF loads it: ConvNextV2Model or ...ForImageClassification,
+    whose keys start with "convnextv2."), renamed to timm's; HF's GRN gamma/beta (1, 1, 1, C) become (C,)."""
+    state = read_state(path)
+    if not isinstance(state, dict) or not any(k.startswith(("convnextv2.", "embeddings.")) for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("convnextv2.")
+        for pattern, repl in HF_RENAMES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v.reshape(-1) if ".mlp.grn." in k else v
+    return out
+
+
 class Perceptual(nn.Module):
     """The perceptual distances pMF adds: each network's per-sample distance between the paired crops
     of pred_x and x. Gradients flow to pred_x (the generator), never into the networks."""
@@ -166,7 +197,8 @@ class Perceptual(nn.Module):
         if lpips_weights:
             self.nets["lpips"] = load_weights(LPIPS(), lpips_weights, "--lpips-weights", ignore=("scaling_layer.",))
         if convnext_weights:
-            self.nets["convnext"] = load_weights(ConvNeXtV2(), convnext_weights, "--convnext-weights", ignore=("head.fc.",))
+            self.nets["convnext"] = load_weights(ConvNeXtV2(), convnext_weights, "--convnext-weights", ignore=("head.fc.",),
+                                                  read=convnext_state)
         self.eval()
 
     def train(self, mode: bool = True):  # frozen in eval mode whatever the caller sets

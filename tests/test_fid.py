@@ -156,6 +156,11 @@ def test_evaluate_sweeps_and_gives_the_same_numbers_on_two_ranks(tmp_path, incep
     assert b["fid"] == pytest.approx(a["settings"][1]["fid"], rel=1e-6)
     assert (b["is"], b["is_std"]) == pytest.approx((a["settings"][1]["is"], a["settings"][1]["is_std"]), rel=1e-6)
 
+    r = run(1, *common, "--reference", str(tmp_path / "ref.npz"), "--recipe", "imf-b2", "--out", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = json.loads((tmp_path / "c.json").read_text())["settings"]
+    assert [(s["omega"], s["interval"], s["weights"]) for s in c] == [(8.0, [0.4, 0.65], "ema")]  # its eval_config
+
     r = run(1, *common, "--reference", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "missing.pth"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "missing.pth: no such file" in r.stderr
 

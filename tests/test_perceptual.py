@@ -79,3 +79,44 @@ def test_gradients_reach_the_generator_never_the_networks_and_the_time_gate(tmp_
     assert set(metrics) == {"loss_lpips", "loss_convnext"}
     term.sum().backward()
     assert pred.grad.abs().sum() > 0 and all(q.grad is None for q in p.parameters())
+    # pMF H's ConvNeXt-only gate: LPIPS everywhere, ConvNeXt only where t < 0.6
+    split = objective_defaults("pmf", lpips_lambda=0.4, convnext_lambda=0.1, convnext_max_t=0.6)
+    only_lpips = objective_defaults("pmf", lpips_lambda=0.4, convnext_lambda=0.0)
+    only_cnx = objective_defaults("pmf", lpips_lambda=0.0, convnext_lambda=0.1, convnext_max_t=0.6)
+    with torch.no_grad():
+        both, _ = perceptual_term(p, pred, x, d, split)
+        a, _ = perceptual_term(p, pred, x, d, only_lpips)
+        b, _ = perceptual_term(p, pred, x, d, only_cnx)
+    assert (a > 0).all() and (b[:2] > 0).all() and (b[2:] == 0).all()
+    torch.testing.assert_close(both, a + b)
+
+
+def hf_name(k: str) -> str:
+    """timm's ConvNeXt-V2 name -> Hugging Face's ConvNextV2ForImageClassification name, written out
+    from transformers' module layout (embeddings, encoder.stages.i.layers.j, layernorm, classifier)."""
+    parts = k.split(".")
+    if parts[0] == "stem":
+        return f"convnextv2.embeddings.{'patch_embeddings' if parts[1] == '0' else 'layernorm'}.{parts[2]}"
+    if parts[0] == "head":
+        return f"convnextv2.layernorm.{parts[2]}" if parts[1] == "norm" else f"classifier.{parts[2]}"
+    stage = f"convnextv2.encoder.stages.{parts[1]}"
+    if parts[2] == "downsample":
+        return f"{stage}.downsampling_layer.{parts[3]}.{parts[4]}"
+    block = f"{stage}.layers.{parts[3]}"
+    sub = {"conv_dw": "dwconv", "norm": "layernorm", "fc1": "pwconv1", "grn": "grn", "fc2": "pwconv2"}
+    leaf = parts[5] if parts[4] == "mlp" else parts[4]
+    return f"{block}.{sub[leaf]}.{parts[-1]}"
+
+
+def test_hugging_face_convnext_names_load(tmp_path):
+    torch.manual_seed(3)
+    net = ConvNeXtV2()
+    for q in net.parameters():
+        q.data.normal_()
+    hf = {hf_name(k): (v.reshape(1, 1, 1, -1) if ".grn." in k else v).clone() for k, v in net.state_dict().items()}
+    hf["classifier.weight"], hf["classifier.bias"] = torch.zeros(21841, 1024), torch.zeros(21841)
+    save_file(hf, str(tmp_path / "model.safetensors"))
+    p = Perceptual(None, tmp_path / "model.safetensors", size=32)
+    loaded = p.nets["convnext"].state_dict()
+    assert loaded.keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())

@@ -28,6 +28,7 @@ class MiTConfig(PatchInput):
     num_heads: int = 12
     aux_head_depth: int = 8
     mlp_ratio: float = 8 / 3
+    mlp_multiple: int = 1                    # SwiGLU width int(hidden * ratio) rounded up to this (pMF-H: 8)
     num_classes: int = 1000
     num_class_tokens: int = 8
     num_cfg_tokens: int = 4
@@ -65,7 +66,8 @@ class MiTConfig(PatchInput):
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        m = self.mlp_multiple
+        return -(-int(self.hidden_size * self.mlp_ratio) // m) * m
 
     @property
     def bottleneck(self) -> int:
@@ -84,6 +86,11 @@ PRESETS: dict[str, dict] = {
     "mit-m": dict(depth=24, hidden_size=768, num_heads=12, aux_head_depth=8),
     "mit-l": dict(depth=32, hidden_size=1024, num_heads=16, aux_head_depth=8),
     "mit-xl": dict(depth=48, hidden_size=1024, num_heads=16, aux_head_depth=8),
+    # pMF's sizes (models/pmfDiT.py): B is deeper than iMF's B; H has 80-wide heads, a 256-wide patch
+    # bottleneck (hidden > 1024) and a SwiGLU width rounded up to a multiple of 8 (3413 -> 3416).
+    "pmf-b": dict(depth=16, hidden_size=768, num_heads=12, aux_head_depth=8),
+    "pmf-l": dict(depth=32, hidden_size=1024, num_heads=16, aux_head_depth=8),
+    "pmf-h": dict(depth=48, hidden_size=1280, num_heads=16, aux_head_depth=8, mlp_multiple=8),
 }
 
 # Config overrides per objective (fastmf.models.build applies them).
