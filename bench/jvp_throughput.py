@@ -18,7 +18,10 @@ eager; `--compile-mode reduce-overhead` replays them as CUDA graphs; `--compile-
 compiles the transformer blocks only, as `train.py --compile-scope blocks`).
 Each case has its own copy of the weights and its own Adam. After warm-up the cases run in
 interleaved rounds (one step of each per round, synchronised) and report the median: machine
-noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, the aten ops
+noise then hits all cases alike. Reports ms/step (median, min, max), samples/s, the FLOPs of one
+step (every matmul executed, guidance and tangent work included: torch.utils.flop_counter with
+kernels/flops.py's formulas for the custom attention ops; a compiled step is credited with its
+eager twin's count), TFLOP/s and MFU over --peak-tflops (bf16 dense peak on H100 / H200), the aten ops
 one eager step dispatches (each at least one kernel launch on a GPU), peak memory
 (step_peak_MiB = the largest peak during a step minus what was allocated before it: CUDA allocator
 statistics over the timed steps; on CPU the profiler's memory timeline of one eager step) and the
@@ -44,6 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmf.models import PRESETS, VARIANTS, Conditions, build, functional  # noqa: E402
 from fastmf.objectives import LOSSES_FROM_DRAWS, draw, objective_defaults  # noqa: E402
 from fastmf.train_step import fast_loss_from_draws  # noqa: E402
+from kernels.flops import count_flops  # noqa: E402
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, for MFU: H100 / H200 SXM 989.4.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}
 
 
 def fm_draw(x, gen, cfg):
@@ -189,6 +196,7 @@ class Case:
                 with counter:
                     self.step()
                 self.rec["aten_ops_per_step"] = counter.n
+                self.rec["gflop_per_step"] = count_flops(self.step) / 1e9
                 if self.device.type == "cpu" and self.args.cpu_peak:
                     self.rec["step_peak_MiB"] = cpu_step_peak_bytes(self.step) / 2**20
             self.rec["first_step_s"] = self.timed_step()   # includes compile / autotune
@@ -205,6 +213,10 @@ class Case:
             if self.peaks:
                 self.rec["step_peak_MiB"] = max(self.peaks)
         return self.rec
+
+
+def eager_flops_of(results: list[dict], case: str) -> float:
+    return next((r["gflop_per_step"] for r in results if r["case"] == case and "gflop_per_step" in r), float("nan"))
 
 
 def main():
@@ -231,6 +243,8 @@ def main():
     p.add_argument("--no-cpu-peak", dest="cpu_peak", action="store_false",
                    help="skip the CPU step peak (the profiler's memory analysis takes seconds for "
                         "mit-tiny but many minutes for mit-b's naive step)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak for MFU (default: bf16 on H100 / H200 989.4; none on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()
@@ -259,7 +273,9 @@ def main():
     plan = {"fm": (fm_draw, fm_loss_from_draws, "sdpa"),
             "naive": (draw, LOSSES_FROM_DRAWS[args.variant], "torch"),
             "fast": (draw, fast_loss_from_draws, "auto")}
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name and args.dtype == "bf16"), None)
+    meta = {"device": name, "peak_tflops": peak,
             "torch": torch.__version__, "args": vars(args), "tokens": model.spec.num_tokens,
             "params_M": sum(q.numel() for q in model.parameters()) / 1e6}
     print(f"{args.model} {args.variant} {tuple(args.input_size)} p{args.patch_size}: {meta['tokens']} tokens, "
@@ -274,6 +290,12 @@ def main():
     def save(live):
         """Write what is measured so far: a run cut short by a timeout still leaves its numbers."""
         results = [case.result(args.batch) for case in live]
+        eager_flops = {r["case"]: r["gflop_per_step"] for r in results if "gflop_per_step" in r}
+        for r in results:  # a compiled step executes its eager twin's matmuls (counted eagerly)
+            if "ms_per_step" in r and r["case"] in eager_flops:
+                r["tflops"] = eager_flops[r["case"]] / r["ms_per_step"]       # GFLOP / ms = TFLOP/s
+                if peak:
+                    r["mfu"] = r["tflops"] / peak
         by = {(r["case"], bool(r["compiled"])): r for r in results if "ms_per_step" in r}
         ratios = {}
         for (fast_c, base, base_c) in [(False, "fm", False), (False, "naive", False), (True, "fm", True),
@@ -303,14 +325,16 @@ def main():
         for case in live:
             case.guarded(lambda: case.times.append(case.timed_step()))
         results, ratios = save(live)
-    print("\n| case | ms/step (min-max) | samples/s | step peak MiB | saved act. MiB | aten ops | first step s |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| case | ms/step (min-max) | samples/s | GFLOP/step | TFLOP/s (MFU) | step peak MiB | saved act. MiB | aten ops "
+          "| first step s |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         name = r["case"] + (f" (compiled, {r['compiled']})" if r["compiled"] else "")
         if "error" in r:
-            print(f"| {name} | {r['error']} | | | | | |")
+            print(f"| {name} | {r['error']} | | | | | | | |")
         else:
-            print(f"| {name} | {r['ms_per_step']:.1f} ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f}) | {r['samples_per_s']:.1f} | {r.get('step_peak_MiB', float('nan')):.0f} "
+            mfu = f" ({r['mfu']:.1%})" if "mfu" in r else ""
+            print(f"| {name} | {r['ms_per_step']:.1f} ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f}) | {r['samples_per_s']:.1f} "
+                  f"| {eager_flops_of(results, r['case']):.1f} | {r.get('tflops', float('nan')):.3g}{mfu} | {r.get('step_peak_MiB', float('nan')):.0f} "
                   f"| {r.get('saved_activation_MiB', float('nan')):.1f} | {r.get('aten_ops_per_step', '-')} "
                   f"| {r['first_step_s']:.1f} |")
     for k, v in ratios.items():

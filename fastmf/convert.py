@@ -23,6 +23,7 @@ import torch
 from fastmf.ckpt import checkpoint_path, flatten_state, save_checkpoint
 from fastmf.cli import fail
 from fastmf.models import PRESETS, build
+from fastmf.prepare_latents import IMF_MEAN, IMF_STD
 
 KNOWN_BUFFERS = ("rope_freqs",)  # tables fastmf recomputes (pMF keeps its RoPE table in the state dict)
 
@@ -124,6 +125,8 @@ def main(argv=None):
     model = convert(args.variant, args.pth, args.image_size)
     params = {k: v.detach() for k, v in model.named_parameters()}
     meta = {"model": model.record, "world_size": 1, "converted_from": str(args.pth), "state": {"step": 0}}
+    if args.variant == "imf":  # iMF's latents are per-channel normalised SD-VAE latents: decoding needs it
+        meta["latent_norm"] = {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD}
     save_checkpoint(checkpoint_path(args.out, 0), flatten_state({"params": params, "ema": params}), meta)
     n = sum(v.numel() for v in params.values())
     print(f"{args.variant} {model.record['name']}-sized MiT ({n / 1e6:.1f}M params) -> {checkpoint_path(args.out, 0)}")

@@ -19,6 +19,9 @@ def test_jvp_throughput_runs_all_cases(tmp_path, model):
     for r in rep["results"]:
         assert "error" not in r and r["ms_per_step"] > 0 and r["saved_activation_MiB"] > 0
         assert r["aten_ops_per_step"] > 100 and r["step_peak_MiB"] > 0
+        assert r["gflop_per_step"] > 0 and r["tflops"] > 0 and "mfu" not in r  # no peak known for a CPU
+    flops = {r["case"]: r["gflop_per_step"] for r in rep["results"]}
+    assert flops["fm"] < flops["fast"] < flops["naive"]  # the fast step saves work, not only launches
     assert {"fast/fm_time", "fast/naive_time", "fast/naive_saved_activation_MiB"} <= set(rep["ratios"])
     # The fast step keeps no tangent graph: clearly less saved activation memory than naive, and
     # about what flow matching keeps (on CPU the carried rows' math attention adds its N x N probs).

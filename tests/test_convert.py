@@ -41,6 +41,9 @@ def test_converted_official_weights_give_the_official_outputs(tmp_path, variant)
     out = tmp_path / "converted"
     run("-m", "fastmf.convert", variant, str(tmp_path / "official.pth"), str(out),
         *(["--image-size", "8"] if variant == "imf" else []))
+    from fastmf.ckpt import newest_good_checkpoint
+    meta = newest_good_checkpoint(out)[2]
+    assert ("latent_norm" in meta) == (variant == "imf")  # iMF's latent constants travel for --vae decoding
     npz = tmp_path / "s.npz"
     run("sample.py", "--ckpt", str(out), "--out", str(npz), "--labels", "1,3")  # sample.py takes it as it is
     assert npz.exists()
