@@ -9,7 +9,9 @@
 # compile-mode reduce-overhead), blocks (fm/fast eager and with --compile-scope blocks), 3d (48^3
 # volume, batch 1, eager fm/naive/fast), 3dcompiled (the same, fm/fast compiled), attention
 # (bench/attention_jvp.py incl. the cuDNN SDPA the step's primal passes use), profile
-# (per-pass times and kernel tables of eager steps, 2D and 3D).
+# (per-pass times and kernel tables of eager steps, 2D and 3D), fid (50k-sample FID cost of MiT-B/2:
+# 1-NFE sampling, SD-VAE decoding, Inception features; bench/fid_throughput.py). jvp_throughput
+# prints MFU per case (bf16 dense peak of H100 / H200).
 # On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
 # rewritten after every phase, so a stage cut by its timeout keeps what it measured.
 set -u
@@ -48,9 +50,12 @@ for stage in $STAGES; do
     attention)
       timeout 90 python3 -m bench.attention_jvp --seq-lens 276 1024 4096 13844 --reps 5 \
           --out "$OUT/attention_jvp.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp.log" ;;
+    fid)
+      timeout 150 python3 bench/fid_throughput.py --model mit-b --input-size 32 32 --channels 4 --vae --batch 250 \
+          --batches 4 --out "$OUT/fid_mitb.json" 2>&1 | tail -2 | tee "$OUT/fid_mitb.log" ;;
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile, fid)"; exit 2 ;;
   esac
 done

@@ -27,3 +27,11 @@ def test_jvp_throughput_runs_all_cases(tmp_path, model):
     # about what flow matching keeps (on CPU the carried rows' math attention adds its N x N probs).
     assert rep["ratios"]["fast/naive_saved_activation_MiB"] < 0.6
     assert rep["ratios"]["fast/fm_saved_activation_MiB"] < 1.15
+
+
+def test_fid_throughput_times_every_stage(tmp_path):
+    out = tmp_path / "fid.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/fid_throughput.py"), "--batch", "2", "--batches", "1",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rep = json.loads(out.read_text())
+    assert set(rep["images_per_s"]) == {"sample", "inception", "total"} and rep["projected_s"] > 0
