@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -22,12 +23,12 @@ from fastmf import distributed
 from fastmf.cli import fail, resolve_device
 from fastmf.ckpt import load_checkpoint, newest_good_checkpoint, prune_checkpoints, unflatten_state
 from fastmf.config import TrainConfig, parse
-from fastmf.data import EpochSampler, load_dataset, step_batches, to_model_range
+from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model_range
 from fastmf.data.loader import flips
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.models import Backbone, build, from_record, functional
-from fastmf.objectives import LOSSES_FROM_DRAWS, uses_perceptual
+from fastmf.objectives import LOSSES_FROM_DRAWS, ObjectiveConfig, uses_perceptual
 from fastmf.perceptual import Perceptual
 from fastmf.optim import make_optimizer
 from fastmf.run_checkpoints import Checkpoints
@@ -180,11 +181,45 @@ class Logger:
             self.run.finish()
 
 
-####################################################################################################
-#                                           Loop                                                   #
-####################################################################################################
+@dataclasses.dataclass
+class Run:
+    """A set-up training run: what the loop reads and updates."""
+    cfg: TrainConfig
+    ocfg: ObjectiveConfig                   # the objective with the data's class count
+    dist: distributed.Dist
+    use_bf16: bool
+    data: Data
+    sampler: EpochSampler
+    rows: slice                             # this rank's rows of every global batch
+    model: Backbone
+    params: dict
+    opt: torch.optim.Optimizer
+    state: RunState
+    checkpoints: Checkpoints
+    step_loss: Callable                     # (x, y, draws) -> (loss, metrics)
+    logger: Logger | None                   # rank 0 only
+    sampler_model: Backbone | None = None   # FSDP: an unsharded copy to sample with
 
-def main(cfg: TrainConfig):
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.run.out)
+
+    @property
+    def eval_omega(self) -> float:
+        return 1.0 if self.ocfg.variant == "mf" else self.cfg.run.sample_omega
+
+    def sampling_weights(self) -> tuple[Backbone, dict]:
+        """The model and EMA weights to sample with (FSDP: gathered into an unsharded copy; a collective)."""
+        if not self.checkpoints.sharded:
+            return self.model, self.state.ema
+        full = distributed.full_tensors(self.state.ema)
+        if self.sampler_model is None:
+            self.sampler_model = from_record(self.model.record).to(self.dist.device)
+        return self.sampler_model, full
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, data, model, optimizer and run state (resumed where asked), the step function."""
     check_config(cfg)
     dist = distributed.init(cfg.run.device, resolve_device)
     device, main_rank = dist.device, dist.is_main
@@ -259,21 +294,20 @@ def main(cfg: TrainConfig):
         out.mkdir(parents=True, exist_ok=True)
         prune_checkpoints(out, cfg.run.keep_checkpoints)  # also removes temp files of killed saves
     logger = Logger(cfg, out, state.step, resumed) if main_rank else None
-    eval_omega = 1.0 if ocfg.variant == "mf" else cfg.run.sample_omega
+    return Run(cfg, ocfg, dist, use_bf16, data, sampler, rows, model, params, opt, state, checkpoints, step_loss,
+               logger)
+
+
+####################################################################################################
+#                                           Loop                                                   #
+####################################################################################################
+
+def train(run: Run) -> StopSignal:
+    """Steps until --steps or a stop signal: log, sample, checkpoint. Returns the signal handler."""
+    cfg, ocfg, dist, data, state, opt, params = run.cfg, run.ocfg, run.dist, run.data, run.state, run.opt, run.params
+    device, main_rank, out, sampler, rows = dist.device, dist.is_main, run.out, run.sampler, run.rows
+    step_loss, logger, checkpoints = run.step_loss, run.logger, run.checkpoints
     stop, bad_in_row, skipped = StopSignal(), 0, 0
-
-    sampler_model = None
-
-    def sampling_weights() -> tuple[Backbone, dict]:
-        """The model and EMA weights to sample with (FSDP: gathered into an unsharded copy; a collective)."""
-        nonlocal sampler_model
-        if not checkpoints.sharded:
-            return model, state.ema
-        full = distributed.full_tensors(state.ema)
-        if sampler_model is None:
-            sampler_model = from_record(model.record).to(device)
-        return sampler_model, full
-
     B = cfg.data.batch_size
     workers = cfg.data.workers if cfg.data.workers is not None else 8 if data.streaming else 0
     batches = step_batches(data.source, sampler, rows_in_order(rows, B, ocfg.data_proportion), state.step,
@@ -291,7 +325,7 @@ def main(cfg: TrainConfig):
         lr = warmup_constant_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
             loss, metrics = step_loss(x, y, d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,10 +356,10 @@ def main(cfg: TrainConfig):
                 logger.log(step, {k: v.item() for k, v in metrics.items()} | {
                     "lr": lr, "grad_norm": grad_norm.item(), "skipped_steps": skipped})
         if step % cfg.run.sample_every == 0 or last:
-            sample_model, weights = sampling_weights()
+            sample_model, weights = run.sampling_weights()
             if main_rank:
                 labels = class_grid_labels(data.num_classes, 10, device)
-                save_grid(generate(sample_model, weights, labels, cfg.seed, eval_omega),
+                save_grid(generate(sample_model, weights, labels, cfg.seed, run.eval_omega),
                           out / f"samples_{step:07d}.png", nrow=10)
         if ckpt_now or signalled:
             checkpoints.save(state)
@@ -337,13 +371,18 @@ def main(cfg: TrainConfig):
                       "continue with --resume", file=sys.stderr)
             break
     dist.barrier()
+    return stop
 
+
+def main(cfg: TrainConfig):
+    run = setup(cfg)
+    stop = train(run)
     if cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
-        sample_model, weights = sampling_weights()  # a collective under FSDP: every rank
-        if main_rank:
-            digits_eval(cfg, sample_model, weights, state.step, eval_omega, out, logger)
-    if main_rank:
-        logger.finish()
+        sample_model, weights = run.sampling_weights()  # a collective under FSDP: every rank
+        if run.dist.is_main:
+            digits_eval(cfg, sample_model, weights, run.state.step, run.eval_omega, run.out, run.logger)
+    if run.dist.is_main:
+        run.logger.finish()
     distributed.shutdown()
 
 
