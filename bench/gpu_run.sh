@@ -11,7 +11,8 @@
 # (bench/attention_jvp.py incl. the cuDNN SDPA the step's primal passes use), profile
 # (per-pass times and kernel tables of eager steps, 2D and 3D), fid (50k-sample FID cost of MiT-B/2:
 # 1-NFE sampling, SD-VAE decoding, Inception features; bench/fid_throughput.py). jvp_throughput
-# prints MFU per case (bf16 dense peak of H100 / H200).
+# prints MFU per case (bf16 dense peak of H100 / H200); mfu (compiled fm / fast for MiT-B/2 at batch
+# 128, MiT-XL/2 at 64, pMF-B/16 at 256 px at 64: up to 14 min, run it alone).
 # On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
 # rewritten after every phase, so a stage cut by its timeout keeps what it measured.
 set -u
@@ -50,12 +51,20 @@ for stage in $STAGES; do
     attention)
       timeout 90 python3 -m bench.attention_jvp --seq-lens 276 1024 4096 13844 --reps 5 \
           --out "$OUT/attention_jvp.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp.log" ;;
+    mfu)
+      # The MFU table: compiled fm / fast at larger per-GPU batches, MiT-XL/2 and pMF-B/16 too.
+      for cfg in "mit-b 32 32 4 2 128 imf" "mit-xl 32 32 4 2 64 imf" "pmf-b 256 256 3 16 64 pmf"; do
+        set -- $cfg
+        timeout 280 python3 bench/jvp_throughput.py --model $1 --input-size $2 $3 --channels $4 --patch-size $5 \
+            --batch $6 --variant $7 --cases fm,fast --compile --steps 5 --warmup 2 --no-cpu-peak \
+            --out "$OUT/mfu_$1_b$6.json" 2>&1 | filter | tee "$OUT/mfu_$1_b$6.log"
+      done ;;
     fid)
       timeout 150 python3 bench/fid_throughput.py --model mit-b --input-size 32 32 --channels 4 --vae --batch 250 \
           --batches 4 --out "$OUT/fid_mitb.json" 2>&1 | tail -2 | tee "$OUT/fid_mitb.log" ;;
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile, fid)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile, fid, mfu)"; exit 2 ;;
   esac
 done
