@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from fastmf import distributed
 from fastmf.cli import fail, resolve_device
-from fastmf.ckpt import load_checkpoint, newest_good_checkpoint, prune_checkpoints, unflatten_state
+from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints, read_meta,
+                         unflatten_state)
 from fastmf.config import TrainConfig, parse
 from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model_range
 from fastmf.data.loader import flips
@@ -33,6 +34,7 @@ from fastmf.perceptual import Perceptual
 from fastmf.optim import make_optimizer
 from fastmf.run_checkpoints import Checkpoints
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
+from fastmf.sharded_ckpt import list_sharded
 from fastmf.sampling import sample
 from fastmf.train_step import fast_loss_from_draws
 
@@ -103,6 +105,25 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
         fail(f"--init-from {path}: {str(e).splitlines()[0]}")
     model.set_attention_backend(cfg.model.attn_backend)
     return model
+
+
+def restarted_job() -> bool:
+    """A worker restarted by torchrun --max-restarts (it resumes by itself)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def saved_record(out: Path) -> dict | None:
+    """The model record in a run folder's checkpoints (the same in each: the newest readable one), or None.
+    A resumed --init-from run builds its model from it, so the init checkpoint need not stay."""
+    metas = [p / "meta.json" for p in list_sharded(out)] + list_checkpoints(out)[::-1]
+    for p in metas:
+        try:
+            meta = json.loads(p.read_text()) if p.name == "meta.json" else read_meta(p)
+        except (ValueError, OSError):
+            continue
+        if "model" in meta:
+            return meta["model"]
+    return None
 
 
 def make_perceptual(cfg: TrainConfig, ocfg, sample_shape: tuple, device) -> Perceptual | None:
@@ -234,8 +255,15 @@ def setup(cfg: TrainConfig) -> Run:
                             skip_bad=cfg.data.skip_bad_files)
         sampler = EpochSampler(len(data.source), cfg.data.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = (init_model(cfg, data.sample_shape, data.num_classes) if cfg.model.init_from
-                 else make_model(cfg, data.sample_shape, data.num_classes)).to(device)
+        record = saved_record(out) if cfg.model.init_from and (cfg.run.resume or restarted_job()) else None
+        if record:  # a resumed fine-tuning run: its own checkpoints hold the model and the weights
+            model = from_record(record)
+            model.set_attention_backend(cfg.model.attn_backend)
+        elif cfg.model.init_from:
+            model = init_model(cfg, data.sample_shape, data.num_classes)
+        else:
+            model = make_model(cfg, data.sample_shape, data.num_classes)
+        model = model.to(device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
@@ -250,7 +278,7 @@ def setup(cfg: TrainConfig) -> Run:
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
     # What sample.py needs to write samples back in the data's terms: volume geometry, the latent scale.
     checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "latent_norm": data.latent_norm})
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints.exist()
+    restarted = restarted_job() and checkpoints.exist()
     resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
     if resumed != checkpoints.exist():
         fail(f"--resume given but {out} holds no checkpoint" if resumed else

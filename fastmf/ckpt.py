@@ -98,6 +98,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta alone (its header; no tensor is read or checked); ValueError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+    except Exception as e:  # safetensors and json raise their own types for damaged files
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+
+
 def checkpoint_path(folder: str | Path, step: int) -> Path:
     return Path(folder) / f"ckpt_{step:07d}.safetensors"
 

@@ -89,5 +89,11 @@ def test_train_init_from_a_converted_checkpoint_fine_tunes_it(tmp_path):
     w = "params.shared_blocks.0.attn.q_proj.weight"
     assert tuned[w].shape == start[w].shape == (64, 64) and not torch.equal(tuned[w], start[w])
     assert (tuned[w] - start[w]).abs().max() < 0.1  # a fine-tuning step, not a fresh model
+    # Resuming needs only the run's own checkpoints (their record builds the model): the init file may go.
+    (tmp_path / "conv" / "ckpt_0000000.safetensors").rename(tmp_path / "moved.safetensors")
+    run("train.py", "--init-from", str(tmp_path / "conv"), "--data", str(tmp_path / "lat.npz"), "--steps", "3",
+        "--batch-size", "8", "--no-compile", "--eval-samples", "0", "--out", str(out), "--resume")
+    assert (out / "ckpt_0000003.safetensors").exists()
+    (tmp_path / "moved.safetensors").rename(tmp_path / "conv" / "ckpt_0000000.safetensors")
     r = run("train.py", "--init-from", str(tmp_path / "conv"), "--out", str(tmp_path / "x"), "--no-compile", ok=False)
     assert "its model takes (4, 8, 8) with 10 classes, the data is (1, 8, 8) with 10" in r.stderr
