@@ -13,9 +13,7 @@ import tyro
 
 from fastmf.cli import fail, resolve_device
 from fastmf.images import save_grid, save_nifti, save_npz
-from fastmf.inference import guidance, latent_decoder, load_model
-from fastmf.models import functional
-from fastmf.sampling import sample
+from fastmf.inference import guidance, latent_decoder, load_model, sample_labels
 
 
 @dataclass
@@ -81,9 +79,7 @@ def main(args: Args):
     else:
         labels = torch.arange(num_classes).repeat_interleave(args.n)
     labels = labels.to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=g).to(device)
-    x = sample(functional(model), params, z, labels, steps=args.nfe, omega=omega, t_min=args.t_min, t_max=args.t_max)
+    x = sample_labels(model, params, labels, args.seed, omega, args.nfe, (args.t_min, args.t_max))
     if args.vae:
         x = latent_decoder(args.vae, meta, device)(x)                                # (B, 3, H, W) in [-1, 1]
     out.parent.mkdir(parents=True, exist_ok=True)

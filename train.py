@@ -28,6 +28,7 @@ from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model
 from fastmf.data.loader import flips
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
+from fastmf.inference import sample_labels
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS, ObjectiveConfig, uses_perceptual
 from fastmf.perceptual import Perceptual
@@ -35,7 +36,6 @@ from fastmf.optim import make_optimizer
 from fastmf.run_checkpoints import Checkpoints
 from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sharded_ckpt import list_sharded
-from fastmf.sampling import sample
 from fastmf.train_step import fast_loss_from_draws
 
 
@@ -71,13 +71,6 @@ def make_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
 def class_grid_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
     """Labels for a grid with one row per class (at most 10 rows)."""
     return torch.arange(min(num_classes, 10), device=device).repeat_interleave(per_class)
-
-
-def generate(model: Backbone, params: dict, labels: torch.Tensor, seed: int, omega: float, nfe: int = 1):
-    """1-NFE (or few-step) samples for `labels` from fixed noise."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(labels), model.spec.in_channels, *model.spec.input_size, generator=g).to(labels.device)
-    return sample(functional(model), params, z, labels, steps=nfe, omega=omega)
 
 
 def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backbone:
@@ -149,7 +142,7 @@ def digits_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, ome
     """The final quality report on digits: the judge's agreement and Frechet distance at 1 NFE."""
     from fastmf.eval import digits_report
     labels = torch.arange(cfg.run.eval_samples, device=next(iter(weights.values())).device) % 10
-    report = digits_report(generate(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
+    report = digits_report(sample_labels(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
     report |= {"step": step, "nfe": 1, "omega": omega, "n": cfg.run.eval_samples}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
@@ -387,7 +380,7 @@ def train(run: Run) -> StopSignal:
             sample_model, weights = run.sampling_weights()
             if main_rank:
                 labels = class_grid_labels(data.num_classes, 10, device)
-                save_grid(generate(sample_model, weights, labels, cfg.seed, run.eval_omega),
+                save_grid(sample_labels(sample_model, weights, labels, cfg.seed, run.eval_omega),
                           out / f"samples_{step:07d}.png", nrow=10)
         if ckpt_now or signalled:
             checkpoints.save(state)

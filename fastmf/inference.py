@@ -1,8 +1,9 @@
 """A trained model for generation: loaded from any fastmf checkpoint, its noise keyed per sample.
 
     model, params, meta = load_model("runs/pmf", "ema_1000", device)
-    omega = guidance(model, args.omega)          # MF models take none
-    x = generate(model, params, meta, indices, seed=0, nfe=1, omega=7.0, interval=(0.2, 0.6))
+    omega = guidance(model, 7.0, (0.2, 0.6))     # MF models take none
+    x = generate(model, params, indices, seed=0, nfe=1, omega=omega, interval=(0.2, 0.6))
+    x = sample_labels(model, params, labels, seed=0, omega=omega)   # given labels, one noise draw (grids)
 
 Sample i of an evaluation has label i % num_classes and noise from its own stream (seed, i), so
 any batching and any number of ranks make the same samples, and every guidance setting of a
@@ -90,6 +91,15 @@ def generate(model: Backbone, params: dict, indices: torch.Tensor, seed: int, nf
     z = noise(indices, (spec.in_channels, *spec.input_size), seed, device)
     x = sample(functional(model), params, z, labels, steps=nfe, omega=omega, t_min=interval[0], t_max=interval[1])
     return decode(x) if decode is not None else x.clamp(-1, 1)
+
+
+def sample_labels(model: Backbone, params: dict, labels: torch.Tensor, seed: int, omega: float, nfe: int = 1,
+                  interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Samples (B, C, *S) for given labels (B,) from one generator seeded `seed` (sample grids, sample.py)."""
+    spec = model.spec
+    z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=torch.Generator().manual_seed(seed))
+    return sample(functional(model), params, z.to(labels.device), labels, steps=nfe, omega=omega,
+                  t_min=interval[0], t_max=interval[1])
 
 
 def latent_decoder(vae_path: str, meta: dict, device):

@@ -16,10 +16,10 @@ import torch
 from fastmf.models import VARIANTS, Conditions
 from fastmf.models.xpred import clipped_t
 
-# Reference values that differ by variant, for the ObjectiveConfig fields left None: MF
-# (meanflow configs/default.py) data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8.
 TR_UNIFORM_FRACTION = 0.1  # pMF's tr_uniform share
 
+# Reference values that differ by variant, for the ObjectiveConfig fields left None: MF
+# (meanflow configs/default.py) data_proportion 0.75; iMF 0.5; pMF (B/16) P_mean = P_std = 0.8.
 VARIANT_DEFAULTS = {
     "mf": dict(data_proportion=0.75, P_mean=-0.4, P_std=1.0),
     "imf": dict(data_proportion=0.5, P_mean=-0.4, P_std=1.0),
