@@ -99,16 +99,17 @@ def cpu_step_peak_bytes(step) -> float:
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of tensors autograd saves for backward during fn() (distinct storages)."""
+    """Bytes of tensors autograd saves for backward during fn() (distinct storages; real or fake
+    tensors: storages are told apart by their StorageImpl, which fake storages have too)."""
     seen = {}
 
     def pack(t):
         try:
-            # Hold the storage, not the tensor: its address stays unique while we count, and
+            # Hold the storage, not the tensor: its identity stays unique while we count, and
             # holding t would tie saved outputs to their own grad_fn in a cycle that no collector
             # frees, leaking the whole graph.
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage
+            seen[storage._cdata] = storage
         except (RuntimeError, NotImplementedError):  # wrapper tensors without storage
             seen[id(t)] = t.numel() * t.element_size()
         return None
@@ -120,6 +121,15 @@ def saved_bytes(fn) -> int:
         loss, _ = fn()
     del loss
     return sum(v if isinstance(v, int) else v.nbytes() for v in seen.values())
+
+
+def case_plan(variant: str) -> dict:
+    """case -> (draw, loss from draws, attention backend). fast's "auto": SDPA for the primal
+    passes, for the JVP pass the fused Triton forward+tangent op on CUDA (math on CPU); naive runs
+    math attention under torch.func.jvp."""
+    return {"fm": (fm_draw, fm_loss_from_draws, "sdpa"),
+            "naive": (draw, LOSSES_FROM_DRAWS[variant], "torch"),
+            "fast": (draw, fast_loss_from_draws, "auto")}
 
 
 class Case:
@@ -268,11 +278,7 @@ def main():
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     cfg = objective_defaults(args.variant, num_classes=10)
-    # fast uses "auto": SDPA for the primal passes, for the JVP pass the fused Triton
-    # forward+tangent op on CUDA (math on CPU); naive runs math attention under torch.func.jvp.
-    plan = {"fm": (fm_draw, fm_loss_from_draws, "sdpa"),
-            "naive": (draw, LOSSES_FROM_DRAWS[args.variant], "torch"),
-            "fast": (draw, fast_loss_from_draws, "auto")}
+    plan = case_plan(args.variant)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name and args.dtype == "bf16"), None)
     meta = {"device": name, "peak_tflops": peak,

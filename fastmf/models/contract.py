@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import register_dataclass
 
 HEADS = ("u", "v", "uv")
@@ -158,8 +159,9 @@ def check_call(spec: Spec, z: torch.Tensor, c: Conditions, heads: str, tangent: 
                              f"{z.shape[0]}; got {tuple(tangent.dz.shape)}, {tuple(tangent.dt.shape)}, "
                              f"{tuple(tangent.dh.shape)}")
     # Value checks read the values: only for CPU tensors outside compiled code, so that a GPU step
-    # never waits on a device sync (training draws and sampling times are valid by construction).
-    if c.t.device.type == "cpu" and not torch.compiler.is_compiling():
+    # never waits on a device sync (training draws and sampling times are valid by construction),
+    # and not for fake tensors (bench/step_memory.py), which have shapes but no values.
+    if c.t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(c.t):
         if bool(((c.t < 0) | (c.t > 1)).any()):
             raise ValueError(f"t must lie in [0, 1], got values in [{c.t.min().item():.4g}, {c.t.max().item():.4g}]")
         if bool(((c.y < 0) | (c.y > spec.num_classes)).any()):
