@@ -70,12 +70,20 @@ def _head(base, strides, b, h):
 
 
 @triton.jit
-def _load_rows(head, strides, rows, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(head, strides, rows, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr = True):
     # (len(rows), BLOCK_D) tile; rows >= N and padded head-dim columns read as zero, so they add
-    # nothing to any dot product.
+    # nothing to any dot product. MASK_ROWS=False: every row is < N (a whole block), and with
+    # BLOCK_D == HEAD_DIM the load needs no mask at all.
     cols = tl.arange(0, BLOCK_D)
     ptrs = head + rows[:, None] * strides[2] + cols[None, :] * strides[3]
-    return tl.load(ptrs, mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM), other=0.0)
+    if MASK_ROWS:
+        tile = tl.load(ptrs, mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM < BLOCK_D:
+        tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
@@ -84,6 +92,44 @@ def _store_rows(head, strides, rows, N, tile, HEAD_DIM: tl.constexpr, BLOCK_D: t
     ptrs = head + rows[:, None] * strides[2] + cols[None, :] * strides[3]
     tl.store(ptrs, tile.to(head.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _fwd_key_block(q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+                   start_n, N, qk_scale, m, l, acc_o, mu, acc_t,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TANGENT_Q: tl.constexpr, TANGENT_K: tl.constexpr, TANGENT_V: tl.constexpr,
+                   PRECISION: tl.constexpr, LAST: tl.constexpr):
+    """One key block of _attn_fwd's online softmax: the updated (m, l, acc_o, mu, acc_t). LAST: the
+    block holds keys past N (masked); every other block is whole, so its loads and scores need no mask."""
+    TANGENT_S: tl.constexpr = TANGENT_Q or TANGENT_K   # dS is zero without dQ and dK
+    cols = start_n + tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
+    k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D, LAST)      # (BLOCK_N, BLOCK_D)
+    v = _load_rows(v_head, v_strides, cols, N, HEAD_DIM, BLOCK_D, LAST)      # (BLOCK_N, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)                  # (BLOCK_M, BLOCK_N) unscaled
+    if LAST:
+        qk = tl.where(cols[None, :] < N, qk, float("-inf"))                 # keys past N get p = 0
+    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)  # finite: every block holds at least one real key
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])                              # one FMA, one exp2 each
+    l = l * alpha + tl.sum(p, 1)
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
+    if TANGENT_S or TANGENT_V:
+        acc_t = acc_t * alpha[:, None]
+    if TANGENT_S:
+        ds = tl.zeros(qk.shape, tl.float32)                                  # dS, scale included
+        if TANGENT_Q:
+            ds = tl.dot(tq_s, tl.trans(k), ds, input_precision=PRECISION)
+        if TANGENT_K:
+            tk = _load_rows(tk_head, tk_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(q.dtype)
+            ds = tl.dot(q_s, tl.trans(tk), ds, input_precision=PRECISION)
+        p_ds = p * ds                                                        # (BLOCK_M, BLOCK_N)
+        mu = mu * alpha + tl.sum(p_ds, 1)
+        acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
+    if TANGENT_V:
+        tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(v.dtype)
+        acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
+    return m_new, l, acc_o, mu, acc_t
 
 
 @triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM", "TANGENT_Q", "TANGENT_K", "TANGENT_V"],
@@ -102,17 +148,21 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     accumulator is rescaled by alpha = exp(m_old - m_new) when m grows:
         l = sum p~,  acc_o = sum p~ V,  mu = sum p~ dS,  acc_t = sum (p~ dS) V + p~ dV
     and at the end O = acc_o / l, dO = acc_t / l - (mu / l) O (the TANGENT_* flags drop the
-    terms of missing tangents at compile time).
+    terms of missing tangents at compile time). The softmax scale enters dS through the query-side
+    tiles, scaled once per program (dS = (s dQ) K^T + (s Q) dK^T): no per-score multiply.
     """
-    TANGENT_S: tl.constexpr = TANGENT_Q or TANGENT_K   # dS is zero without dQ and dK
-    TANGENT: tl.constexpr = TANGENT_S or TANGENT_V
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # (BLOCK_M,)
     q_head, k_head, v_head = _head(Q, q_strides, b, h), _head(K, k_strides, b, h), _head(V, v_strides, b, h)
     tk_head, tv_head = _head(TK, tk_strides, b, h), _head(TV, tv_strides, b, h)
-    q = _load_rows(q_head, q_strides, rows, N, HEAD_DIM, BLOCK_D)         # (BLOCK_M, BLOCK_D)
+    q = _load_rows(q_head, q_strides, rows, N, HEAD_DIM, BLOCK_D, True)   # (BLOCK_M, BLOCK_D)
+    q_s = q
+    tq_s = q
+    if TANGENT_K:
+        q_s = (q * scale).to(q.dtype)
     if TANGENT_Q:
-        tq = _load_rows(_head(TQ, tq_strides, b, h), tq_strides, rows, N, HEAD_DIM, BLOCK_D).to(q.dtype)
+        tq = _load_rows(_head(TQ, tq_strides, b, h), tq_strides, rows, N, HEAD_DIM, BLOCK_D, True)
+        tq_s = (tq * scale).to(q.dtype)
     qk_scale = scale * LOG2E
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -120,39 +170,23 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     acc_o = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     mu = tl.zeros((BLOCK_M,), tl.float32)
     acc_t = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
-        k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
-        v = _load_rows(v_head, v_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale    # (BLOCK_M, BLOCK_N)
-        s = tl.where(cols[None, :] < N, s, float("-inf"))                   # keys past N get p = 0
-        m_new = tl.maximum(m, tl.max(s, 1))   # finite: every block holds at least one real key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])                                     # (BLOCK_M, BLOCK_N)
-        l = l * alpha + tl.sum(p, 1)
-        acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
-        if TANGENT:
-            acc_t = acc_t * alpha[:, None]
-        if TANGENT_S:
-            ds = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)                   # dS / scale
-            if TANGENT_Q:
-                ds = tl.dot(tq, tl.trans(k), ds, input_precision=PRECISION)
-            if TANGENT_K:
-                tk = _load_rows(tk_head, tk_strides, cols, N, HEAD_DIM, BLOCK_D).to(q.dtype)
-                ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
-            p_ds = p * (ds * scale)                                         # (BLOCK_M, BLOCK_N)
-            mu = mu * alpha + tl.sum(p_ds, 1)
-            acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
-        if TANGENT_V:
-            tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D).to(v.dtype)
-            acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
-        m = m_new
+    n_whole = N // BLOCK_N * BLOCK_N
+    for start_n in range(0, n_whole, BLOCK_N):
+        m, l, acc_o, mu, acc_t = _fwd_key_block(
+            q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+            start_n, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
+            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, False)
+    if n_whole < N:
+        m, l, acc_o, mu, acc_t = _fwd_key_block(
+            q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+            n_whole, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
+            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, True)
 
     o = acc_o / l[:, None]                                                  # (BLOCK_M, BLOCK_D)
     _store_rows(_head(O, o_strides, b, h), o_strides, rows, N, o, HEAD_DIM, BLOCK_D)
     lse = (m + tl.log2(l)) / LOG2E                                          # natural log-sum-exp
     tl.store(LSE + (b * H + h).to(tl.int64) * N + rows, lse, mask=rows < N)
-    if TANGENT:
+    if TANGENT_Q or TANGENT_K or TANGENT_V:
         t = acc_t / l[:, None] - (mu / l)[:, None] * o
         _store_rows(_head(TO, to_strides, b, h), to_strides, rows, N, t, HEAD_DIM, BLOCK_D)
 
@@ -211,7 +245,7 @@ def _attn_bwd_dq(Q, K, V, GO, LSE, DELTA, DQ,
     q = _load_rows(_head(Q, q_strides, b, h), q_strides, rows, N, HEAD_DIM, BLOCK_D)      # (BLOCK_M, BLOCK_D)
     go = _load_rows(_head(GO, go_strides, b, h), go_strides, rows, N, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     row_stats = (b * H + h).to(tl.int64) * N
-    lse = tl.load(LSE + row_stats + rows, mask=rows < N, other=float("inf"))
+    lse2 = tl.load(LSE + row_stats + rows, mask=rows < N, other=float("inf")) * LOG2E  # base 2
     delta = tl.load(DELTA + row_stats + rows, mask=rows < N, other=0.0)
     qk_scale = scale * LOG2E
 
@@ -221,8 +255,8 @@ def _attn_bwd_dq(Q, K, V, GO, LSE, DELTA, DQ,
         k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
         v = _load_rows(v_head, v_strides, cols, N, HEAD_DIM, BLOCK_D)       # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)               # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E)
-        p = tl.where(cols[None, :] < N, p, 0.0)                             # zero keys past N
+        # Keys past N need no mask: their k rows load as zero, so whatever their ds, ds @ k adds 0.
+        p = tl.exp2(s * qk_scale - lse2[:, None])
         dp = tl.dot(go, tl.trans(v), input_precision=PRECISION)             # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)

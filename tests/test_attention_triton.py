@@ -69,14 +69,14 @@ def check_against_reference(q, k, v, tangents, grad_o):
 
 
 @pytest.mark.parametrize("B,H,N,D", [(1, 1, 1, 16), (2, 2, 1, 32), (1, 2, 17, 16), (2, 1, 17, 32),
-                                     (1, 1, 77, 32), (2, 1, 77, 16)])
+                                     (1, 1, 77, 32), (2, 1, 77, 16), (1, 2, 64, 16)])  # 64: whole key blocks only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_math_attention(B, H, N, D, dtype):
     q, k, v, dq, dk, dv, go = (randn((B, H, N, D), dtype, seed) for seed in range(7))
     check_against_reference(q, k, v, (dq, dk, dv), go)
 
 
-@pytest.mark.parametrize("N,D", [(33, 64), (9, 128), (20, 24)])  # 24: padded head-dim tile
+@pytest.mark.parametrize("N,D", [(33, 64), (9, 128), (20, 24), (64, 24)])  # 24: padded head-dim tile
 def test_other_head_dims(N, D):
     q, k, v, dq, dk, dv, go = (randn((1, 1, N, D), torch.float32, seed) for seed in range(7))
     check_against_reference(q, k, v, (dq, dk, dv), go)
