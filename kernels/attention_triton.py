@@ -95,13 +95,14 @@ def _store_rows(head, strides, rows, N, tile, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _fwd_key_block(q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
                    start_n, N, qk_scale, m, l, acc_o, mu, acc_t,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    TANGENT_Q: tl.constexpr, TANGENT_K: tl.constexpr, TANGENT_V: tl.constexpr,
                    PRECISION: tl.constexpr, LAST: tl.constexpr):
-    """One key block of _attn_fwd's online softmax: the updated (m, l, acc_o, mu, acc_t). LAST: the
-    block holds keys past N (masked); every other block is whole, so its loads and scores need no mask."""
+    """One key block of _attn_fwd's online softmax: the updated (m, l, acc_o, mu, acc_t); tq and the
+    TK tiles are scaled tangents (see _attn_fwd). LAST: the block holds keys past N (masked); every
+    other block is whole, so its loads and scores need no mask."""
     TANGENT_S: tl.constexpr = TANGENT_Q or TANGENT_K   # dS is zero without dQ and dK
     cols = start_n + tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
     k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D, LAST)      # (BLOCK_N, BLOCK_D)
@@ -119,10 +120,10 @@ def _fwd_key_block(q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_
     if TANGENT_S:
         ds = tl.zeros(qk.shape, tl.float32)                                  # dS, scale included
         if TANGENT_Q:
-            ds = tl.dot(tq_s, tl.trans(k), ds, input_precision=PRECISION)
+            ds = tl.dot(tq, tl.trans(k), ds, input_precision=PRECISION)
         if TANGENT_K:
             tk = _load_rows(tk_head, tk_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(q.dtype)
-            ds = tl.dot(q_s, tl.trans(tk), ds, input_precision=PRECISION)
+            ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
         p_ds = p * ds                                                        # (BLOCK_M, BLOCK_N)
         mu = mu * alpha + tl.sum(p_ds, 1)
         acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
@@ -148,21 +149,17 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     accumulator is rescaled by alpha = exp(m_old - m_new) when m grows:
         l = sum p~,  acc_o = sum p~ V,  mu = sum p~ dS,  acc_t = sum (p~ dS) V + p~ dV
     and at the end O = acc_o / l, dO = acc_t / l - (mu / l) O (the TANGENT_* flags drop the
-    terms of missing tangents at compile time). The softmax scale enters dS through the query-side
-    tiles, scaled once per program (dS = (s dQ) K^T + (s Q) dK^T): no per-score multiply.
+    terms of missing tangents at compile time). TQ and TK hold s dQ and s dK (the launchers scale
+    them), so dS = TQ K^T + Q TK^T needs no per-score multiply.
     """
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # (BLOCK_M,)
     q_head, k_head, v_head = _head(Q, q_strides, b, h), _head(K, k_strides, b, h), _head(V, v_strides, b, h)
     tk_head, tv_head = _head(TK, tk_strides, b, h), _head(TV, tv_strides, b, h)
     q = _load_rows(q_head, q_strides, rows, N, HEAD_DIM, BLOCK_D, True)   # (BLOCK_M, BLOCK_D)
-    q_s = q
-    tq_s = q
-    if TANGENT_K:
-        q_s = (q * scale).to(q.dtype)
+    tq = q  # a stand-in when TANGENT_Q is off (never read)
     if TANGENT_Q:
-        tq = _load_rows(_head(TQ, tq_strides, b, h), tq_strides, rows, N, HEAD_DIM, BLOCK_D, True)
-        tq_s = (tq * scale).to(q.dtype)
+        tq = _load_rows(_head(TQ, tq_strides, b, h), tq_strides, rows, N, HEAD_DIM, BLOCK_D, True).to(q.dtype)
     qk_scale = scale * LOG2E
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -173,12 +170,12 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     n_whole = N // BLOCK_N * BLOCK_N
     for start_n in range(0, n_whole, BLOCK_N):
         m, l, acc_o, mu, acc_t = _fwd_key_block(
-            q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+            q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
             start_n, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
             TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, False)
     if n_whole < N:
         m, l, acc_o, mu, acc_t = _fwd_key_block(
-            q, q_s, tq_s, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
+            q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
             n_whole, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
             TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, True)
 
@@ -283,21 +280,23 @@ def _tile_meta(q: torch.Tensor) -> dict:
                 PRECISION=_dot_precision(q.dtype))
 
 
-def _flash_forward(q, k, v, q_t, k_t, v_t, scale):
-    """(O, log-sum-exp, dO) in one pass; dO is None when every tangent is None (= zero)."""
+def _flash_forward(q, k, v, sq_t, sk_t, v_t, scale):
+    """(O, log-sum-exp, dO) in one pass for the tangents (scale dQ, scale dK, dV) (the callers
+    scale them where the scaling can fuse with the op before); dO is None when every tangent is
+    None (= zero)."""
     B, H, N, _ = q.shape
     o = q.new_empty(q.shape)                                                # (B, H, N, D)
     lse = q.new_empty((B, H, N), dtype=torch.float32)                       # (B, H, N)
-    has_tangent = q_t is not None or k_t is not None or v_t is not None
+    has_tangent = sq_t is not None or sk_t is not None or v_t is not None
     o_t = q.new_empty(q.shape) if has_tangent else None                    # (B, H, N, D)
     # A missing tangent gets a stand-in pointer; its TANGENT_* flag compiles every load away.
-    tq, tk, tv, to = (o if t is None else t for t in (q_t, k_t, v_t, o_t))
+    tq, tk, tv, to = (o if t is None else t for t in (sq_t, sk_t, v_t, o_t))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)  # noqa: E731
     _attn_fwd[grid](q, k, v, tq, tk, tv, o, to, lse,
                     q.stride(), k.stride(), v.stride(), tq.stride(), tk.stride(), tv.stride(),
                     o.stride(), to.stride(),
                     H, N, scale,
-                    TANGENT_Q=q_t is not None, TANGENT_K=k_t is not None, TANGENT_V=v_t is not None,
+                    TANGENT_Q=sq_t is not None, TANGENT_K=sk_t is not None, TANGENT_V=v_t is not None,
                     **_tile_meta(q))
     return o, lse, o_t
 
@@ -333,8 +332,8 @@ class _FlashAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(q, k, v, q_t, k_t, v_t, scale):
-        return _flash_forward(q, k, v, q_t, k_t, v_t, scale)
+    def forward(q, k, v, sq_t, sk_t, v_t, scale):
+        return _flash_forward(q, k, v, sq_t, sk_t, v_t, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -401,21 +400,23 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     _check(q, k, v)
     q_t, k_t, v_t = (fwAD.unpack_dual(x).tangent for x in (q, k, v))     # (B, H, N, D) or None
-    o, _, _ = _FlashAttention.apply(q, k, v, q_t, k_t, v_t, scale)
+    sq_t, sk_t = (None if t is None else t * scale for t in (q_t, k_t))
+    o, _, _ = _FlashAttention.apply(q, k, v, sq_t, sk_t, v_t, scale)
     return o
 
 
 # Custom ops, so torch.compile keeps the hand-written JVP pass in one graph: it sees the ops'
 # shapes (register_fake) and never traces the autotuned launches inside.
 @torch.library.custom_op("fastmf::flash_attention_with_tangent", mutates_args=())
-def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
-                           dk: torch.Tensor, dv: torch.Tensor, scale: float
+def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdq: torch.Tensor,
+                           sdk: torch.Tensor, dv: torch.Tensor, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_forward(q, k, v, dq, dk, dv, scale)
+    # sdq, sdk: scale dQ, scale dK (see _flash_forward)
+    return _flash_forward(q, k, v, sdq, sdk, dv, scale)
 
 
 @_flash_with_tangent_op.register_fake
-def _(q, k, v, dq, dk, dv, scale):
+def _(q, k, v, sdq, sdk, dv, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), q.new_empty(q.shape)
 
 
@@ -455,5 +456,8 @@ def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
     grad mode is on; dO is stop-grad.
     """
     _check(q, k, v)
-    o, _, do = _flash_with_tangent_op(q, k, v, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), scale)
+    # Scaled before the cast to q's dtype: no extra rounding, and compiled code fuses it with
+    # the op that made the tangent.
+    o, _, do = _flash_with_tangent_op(q, k, v, (dq * scale).to(q.dtype), (dk * scale).to(q.dtype),
+                                      dv.to(q.dtype), scale)
     return o, do.detach()
