@@ -35,3 +35,23 @@ def test_fid_throughput_times_every_stage(tmp_path):
                     "--out", str(out)], check=True, capture_output=True, timeout=600)
     rep = json.loads(out.read_text())
     assert set(rep["images_per_s"]) == {"sample", "inception", "total"} and rep["projected_s"] > 0
+
+
+def test_kernel_sass_counts_each_kernels_main_loop(tmp_path):
+    """Compiled for sm_90 on the CPU: the fused forward+JVP loop issues 3x the tensor-core
+    instructions of the primal forward's (6 block matmuls against 2), per tile config."""
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/kernel_sass.py"), "--kernels", "fwd+jvp,fwd", "--head-dims", "64",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["kernel"], r["block_m"], r["block_n"], r["warps"], r["stages"]): r["current"] for r in rows}
+    fwd = [key for key in by if key[0] == "fwd"]
+    assert fwd and len(by) == 2 * len(fwd)
+    for key in fwd:
+        primal, jvp = by[key], by[("fwd+jvp", *key[1:])]
+        assert primal["tensor_core"] > 0 and jvp["tensor_core"] == 3 * primal["tensor_core"]
+        assert primal["exp2"] >= key[1] * key[2] / (32 * key[3])  # one exp2 per score, spread over the threads
+        assert jvp["loop_instructions"] > primal["loop_instructions"] and jvp["registers"] <= 255
+    bad = subprocess.run([sys.executable, str(ROOT / "bench/kernel_sass.py"), "--baseline", "no-such-rev"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no-such-rev" in bad.stderr and "Traceback" not in bad.stderr
