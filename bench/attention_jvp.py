@@ -7,6 +7,8 @@ Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a t
   triton fwd      kernels.attention(backend="triton"), primal only
   triton fwd+jvp  the same under torch.func.jvp (O and dO in one fused pass)
   triton bwd      backward of the jvp's primal output (flash backward from the saved LSE)
+  kernel fwd+jvp  the fused forward+tangent launch alone (what the train step's custom op runs,
+                  without torch.func.jvp around it)
   math fwd+jvp    softmax(s Q K^T) V as plain ops under torch.func.jvp (N x N tensors)
   math bwd        its backward
   sdpa fwd / bwd  torch SDPA pinned to the flash backend: the forward-only cost floor
@@ -14,6 +16,8 @@ Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a t
                   train step's primal passes); "n/a" where this build has no cuDNN attention
 Times are medians of CUDA-event-timed calls; memory is the peak allocated on top of the inputs
 (for bwd: on top of inputs + forward outputs/graph). A case that runs out of memory is "OOM".
+TFLOP/s count matmul FLOPs as kernels/flops.py does (PyTorch's SDPA convention: forward 2
+matmuls, forward+tangent 6, backward 5, whatever a kernel recomputes).
 Ratios are taken within this run only. Without CUDA the script runs one tiny configuration in
 the Triton interpreter to check itself; its timings mean nothing.
 """
@@ -34,6 +38,8 @@ import tyro  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels import attention  # noqa: E402
+from kernels.attention_triton import _flash_forward  # noqa: E402
+from kernels.flops import attention_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -160,6 +166,9 @@ def main(args: Args) -> dict:
         # triton's backward is timed once, after the jvp (the MeanFlow pattern)
         results = _case("triton", triton_attention, False, inputs, args.reps, backward=False)
         results |= _case("triton", triton_attention, True, inputs, args.reps)
+        with torch.no_grad():  # random tangents stand for the scaled ones the launch takes
+            results["kernel fwd+jvp"] = _measure(lambda: _flash_forward(q, k, v, tq, tk, tv, args.head_dim ** -0.5),
+                                                 args.reps)
         results |= _case("math", math_attention, True, inputs, args.reps)
         if cuda:  # the flash and cuDNN SDPA backends exist on CUDA only
             results |= _case("sdpa", sdpa, False, inputs, args.reps)
@@ -173,7 +182,11 @@ def main(args: Args) -> dict:
             "triton fwd+jvp / cudnn fwd": _ratio(results, "triton fwd+jvp", "cudnn fwd"),
             "triton bwd / cudnn bwd": _ratio(results, "triton bwd", "cudnn bwd"),
         }
-        rows.append({"N": n, "results": results, "ratios": ratios})
+        matmuls = {"triton fwd": 2, "kernel fwd+jvp": 6, "triton fwd+jvp": 6, "triton bwd": 5, "sdpa fwd": 2,
+                   "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
+        tflops = {c: round(attention_flops(shape, shape, m) / results[c]["ms"] / 1e9, 1)
+                  for c, m in matmuls.items() if isinstance(results.get(c), dict)}
+        rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops})
         _print_row(rows[-1], header=len(rows) == 1)
         del q, k, v, tq, tk, tv, grad_o, inputs
 
@@ -190,7 +203,7 @@ def main(args: Args) -> dict:
     return report
 
 
-COLUMNS = ["triton fwd", "triton fwd+jvp", "triton bwd", "math fwd+jvp", "math bwd", "sdpa fwd",
+COLUMNS = ["triton fwd", "triton fwd+jvp", "kernel fwd+jvp", "triton bwd", "math fwd+jvp", "math bwd", "sdpa fwd",
            "sdpa bwd", "cudnn fwd", "cudnn bwd"]
 RATIOS = ["math/triton fwd+jvp", "math/triton bwd", "triton fwd+jvp / sdpa fwd",
           "triton fwd / sdpa fwd", "triton bwd / sdpa bwd", "triton fwd+jvp / cudnn fwd",
@@ -210,6 +223,7 @@ def _print_row(row: dict, header: bool) -> None:
     print(f"{row['N']:>6} " + " ".join(f"{cell(row['results'].get(c)):>15}" for c in COLUMNS)
           + " | " + " | ".join(f"{'-' if row['ratios'][r] is None else row['ratios'][r]:>{len(r)}}"
                                for r in RATIOS))
+    print(f"{'':>6} TFLOP/s: " + ", ".join(f"{c} {t}" for c, t in row["tflops"].items()))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# The prepared GPU session: correctness on CUDA first, then the benchmark of record.
-#   OUT=some/dir STAGES="check 2d" bash bench/gpu_run.sh          # 336 s on an H100 (third session)
-#   OUT=some/dir STAGES="3d cudagraphs" bash bench/gpu_run.sh     # 3d took 70 s; cudagraphs ~240 s
-#   OUT=some/dir STAGES="blocks 3dcompiled" bash bench/gpu_run.sh  # unmeasured yet: 450 s at most,
-#   then STAGES="cudagraphs attention" (340 s at most): one device call each
-# Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), 2d (MiT-B/2 batch 32:
-# eager fm/naive/fast, then compiled fm/fast), cudagraphs (fm/fast compiled with CUDA graphs:
-# compile-mode reduce-overhead), blocks (fm/fast eager and with --compile-scope blocks), 3d (48^3
-# volume, batch 1, eager fm/naive/fast), 3dcompiled (the same, fm/fast compiled), attention
-# (bench/attention_jvp.py incl. the cuDNN SDPA the step's primal passes use), profile
-# (per-pass times and kernel tables of eager steps, 2D and 3D), fid (50k-sample FID cost of MiT-B/2:
-# 1-NFE sampling, SD-VAE decoding, Inception features; bench/fid_throughput.py). jvp_throughput
-# prints MFU per case (bf16 dense peak of H100 / H200); mfu (compiled fm / fast for MiT-B/2 at batch
-# 128, MiT-XL/2 at 64, pMF-B/16 at 256 px at 64: up to 14 min, run it alone).
-# On the H100 machine compiling the MiT-B step took 56-60 s (fm) and 106 s (fast). The JSON is
-# rewritten after every phase, so a stage cut by its timeout keeps what it measured.
+# The prepared GPU session: correctness on CUDA first, then the benchmarks, in stages.
+#   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 370 s at most
+#   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
+#   later: "mem64 mfu-xl mfu-pmf", "cudagraphs profile fid", "2d 3d blocks" (the older tables)
+# A device session has about 15 minutes in all, start-up included, 10 minutes a call: the two calls
+# above are issue #16's order (kernels checked in bf16 and on CUDA, then the attention targets,
+# then MFU and fast/fm of MiT-B/2 compiled, then 3D compiled). Each stage's timeout is its budget;
+# the JSON is rewritten after every phase, so a stage cut short keeps what it measured.
+# Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), attention
+# (bench/attention_jvp.py at N = 4096 .. 16384, D = 64 and 128: fwd+JVP and bwd TFLOP/s against
+# cuDNN), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
+# pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
+# bench/step_memory.py), 3dcompiled (48^3 volume, batch 1, fm / fast compiled), mem64 (64^3 volume,
+# MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
+# fm/naive/fast, then compiled fm/fast), cudagraphs (compile-mode reduce-overhead), blocks
+# (--compile-scope blocks), 3d (48^3 eager fm/naive/fast), profile (per-pass times and kernel
+# tables of eager steps, 2D and 3D), fid (50k-sample FID cost of MiT-B/2). jvp_throughput prints
+# MFU per case (bf16 dense peak of H100 / H200). On the H100 (third session) compiling the MiT-B
+# step took 56-60 s (fm) and 106 s (fast).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
-STAGES=${STAGES:-check 2d cudagraphs 3d}
+STAGES=${STAGES:-check attention}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -27,9 +30,9 @@ B2D="--model mit-b --input-size 32 32 --channels 4 --batch 32"
 for stage in $STAGES; do
   case $stage in
     check)
-      timeout 200 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
+      timeout 150 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
       # bf16 kernel tests (the CPU interpreter cannot check bf16); needs pytest on the device
-      timeout 90 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
+      timeout 60 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
           | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;
     2d)
       timeout 330 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \
@@ -49,22 +52,31 @@ for stage in $STAGES; do
           --steps 3 --warmup 1 --cases fm,fast --compile --out "$OUT/jvp_mitb_3d_compiled.json" 2>&1 \
           | filter | tee "$OUT/jvp_mitb_3d_compiled.log" ;;
     attention)
-      timeout 90 python3 -m bench.attention_jvp --seq-lens 276 1024 4096 13844 --reps 5 \
-          --out "$OUT/attention_jvp.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp.log" ;;
-    mfu)
-      # The issue's MFU table: compiled fm / fast at larger per-GPU batches, MiT-XL/2 and pMF-B/16 too.
-      for cfg in "mit-b 32 32 4 2 128 imf" "mit-xl 32 32 4 2 64 imf" "pmf-b 256 256 3 16 64 pmf"; do
-        set -- $cfg
-        timeout 280 python3 bench/jvp_throughput.py --model $1 --input-size $2 $3 --channels $4 --patch-size $5 \
-            --batch $6 --variant $7 --cases fm,fast --compile --steps 5 --warmup 2 --no-cpu-peak \
-            --out "$OUT/mfu_$1_b$6.json" 2>&1 | filter | tee "$OUT/mfu_$1_b$6.log"
+      for hd in "64 12" "128 6"; do
+        set -- $hd
+        timeout 80 python3 -m bench.attention_jvp --seq-lens 4096 8192 16384 --head-dim $1 --heads $2 --reps 5 \
+            --out "$OUT/attention_jvp_d$1.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp_d$1.log"
       done ;;
+    mfu-b|mfu-xl|mfu-pmf)
+      # The issue's MFU table: compiled fm / fast at larger per-GPU batches.
+      case $stage in
+        mfu-b) set -- mit-b 32 32 4 2 128 imf ;;
+        mfu-xl) set -- mit-xl 32 32 4 2 64 imf ;;
+        mfu-pmf) set -- pmf-b 256 256 3 16 64 pmf ;;
+      esac
+      timeout 280 python3 bench/jvp_throughput.py --model $1 --input-size $2 $3 --channels $4 --patch-size $5 \
+          --batch $6 --variant $7 --cases fm,fast --compile --steps 5 --warmup 2 --no-cpu-peak \
+          --out "$OUT/mfu_$1_b$6.json" 2>&1 | filter | tee "$OUT/mfu_$1_b$6.log" ;;
+    mem64)
+      timeout 120 python3 bench/jvp_throughput.py --model mit-b --input-size 64 64 64 --channels 4 --batch 1 \
+          --steps 2 --warmup 0 --cases fm,fast --no-cpu-peak --out "$OUT/jvp_mitb_3d_64cube.json" 2>&1 \
+          | filter | tee "$OUT/jvp_mitb_3d_64cube.log" ;;
     fid)
       timeout 150 python3 bench/fid_throughput.py --model mit-b --input-size 32 32 --channels 4 --vae --batch 250 \
           --batches 4 --out "$OUT/fid_mitb.json" 2>&1 | tail -2 | tee "$OUT/fid_mitb.log" ;;
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, 2d, cudagraphs, blocks, 3d, 3dcompiled, attention, profile, fid, mfu)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, mem64, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
   esac
 done

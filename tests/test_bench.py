@@ -55,3 +55,12 @@ def test_kernel_sass_counts_each_kernels_main_loop(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench/kernel_sass.py"), "--baseline", "no-such-rev"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no-such-rev" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
+    out = tmp_path / "att.json"
+    subprocess.run([sys.executable, "-m", "bench.attention_jvp", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]  # without CUDA: one tiny interpreter case
+    assert {"triton fwd", "triton fwd+jvp", "kernel fwd+jvp", "triton bwd"} <= set(row["tflops"])
+    assert row["results"]["kernel fwd+jvp"]["ms"] > 0
