@@ -1,0 +1,158 @@
+"""The compiled train step's memory traffic, counted by inductor on the CPU, and the roofline it implies.
+
+    python bench/step_bytes.py --model mit-b --input-size 32 32 --channels 4 --batch 32
+
+fm and fast as bench/jvp_throughput.py compiles them (the loss and its backward under
+torch.compile, bf16 autocast) are compiled here on the CPU; inductor reports the bytes every
+kernel of the generated code reads and writes (its scheduler's buffer sizes, after fusion). Split
+into kernels inductor generates (the norms, RoPE, activations, casts, residuals: memory-bound
+work) and extern kernels (matmuls, attention: inputs and outputs). With the step's matmul FLOPs
+(counted eagerly, kernels/flops.py) this gives a roofline time on a device:
+
+    t = FLOPs / peak  +  generated-kernel bytes / memory bandwidth
+
+(matmuls at the tensor-core peak, every other kernel at full bandwidth, one after another), and
+the MFU ceiling FLOPs / peak / t. A model, not a measurement: the CPU backend fuses somewhat
+differently from the GPU's Triton backend, and matmuls reach perhaps 60-80% of peak at these
+sizes; launch gaps are not in it. What it shows on a CPU: how much memory traffic each step
+moves besides its matmuls, and how a change alters it.
+
+The fused attention ops run as math on the CPU here (same inputs, outputs and graph; their own
+traffic is counted as their inputs and outputs, as a flash kernel's). JSON goes to --out.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused op's device check; its kernels never run here
+import torch  # noqa: E402
+from torch._inductor import metrics  # noqa: E402
+from torch._inductor.scheduler import ExternKernelSchedulerNode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fastmf.models import PRESETS, VARIANTS, build, functional  # noqa: E402
+from fastmf.objectives import objective_defaults  # noqa: E402
+from jvp_throughput import case_plan  # noqa: E402
+from kernels.flops import count_flops  # noqa: E402
+
+# Dense bf16 peak TFLOP/s and HBM TB/s (SXM parts).
+DEVICES = {"H100": (989.4, 3.35), "H200": (989.4, 4.8)}
+
+
+def _probs(q, k, scale):
+    return torch.softmax(scale * q.float() @ k.float().transpose(-2, -1), dim=-1)      # (B, H, N, N)
+
+
+def attention_with_tangent_math(q, k, v, sdq, sdk, dv, scale):
+    """fastmf::flash_attention_with_tangent as math: (O, lse, dO) for tangents (scale dQ, scale dK, dV)."""
+    s = scale * q.float() @ k.float().transpose(-2, -1)                                 # (B, H, N, N)
+    p = torch.softmax(s, dim=-1)
+    ds = sdq.float() @ k.float().transpose(-2, -1) + q.float() @ sdk.float().transpose(-2, -1)
+    dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+    do = dp @ v.float() + p @ dv.float()
+    return (p @ v.float()).to(q.dtype), torch.logsumexp(s, dim=-1), do.to(q.dtype)
+
+
+def attention_backward_math(q, k, v, o, lse, grad_o, scale):
+    """fastmf::flash_attention_backward as math."""
+    p, go = _probs(q, k, scale), grad_o.float()
+    dp = go @ v.float().transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    return ((ds @ k.float()).to(q.dtype), (ds.transpose(-2, -1) @ q.float()).to(k.dtype),
+            (p.transpose(-2, -1) @ go).to(v.dtype))
+
+
+def use_math_for_fused_attention_on_cpu():
+    torch.library.register_kernel("fastmf::flash_attention_with_tangent", "cpu", attention_with_tangent_math)
+    torch.library.register_kernel("fastmf::flash_attention_backward", "cpu", attention_backward_math)
+
+
+def measure(args, model, case: str) -> dict:
+    """Bytes of one compiled step of case (forward and backward graphs), and its matmul FLOPs."""
+    draw_fn, loss_fn, attn = case_plan(model.record["variant"])[case]
+    model = copy.deepcopy(model)
+    model.set_attention_backend("sdpa" if attn == "auto" else attn)  # the GPU's pick: fused op for tangent rows
+    params = dict(model.named_parameters())
+    apply = functional(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.channels, *args.input_size, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    cfg = objective_defaults(model.record["variant"], num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)  # noqa: E731
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
+
+    def step(loss_of):
+        with amp():
+            loss, _ = loss_of(x, y, draw_fn(x, gen, cfg))
+        loss.backward()
+
+    flops = count_flops(lambda: step(step_loss))
+    torch._dynamo.reset()
+    metrics.reset()
+    t0 = time.perf_counter()
+    step(torch.compile(step_loss))  # compiles the forward graph, then the backward graph
+    seconds = time.perf_counter() - t0
+    generated = sum(4 * n for node, n in metrics.nodes_num_elem if not isinstance(node, ExternKernelSchedulerNode))
+    extern = sum(4 * n for node, n in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode))
+    r = {"case": case, "batch": args.batch, "gflop": flops / 1e9, "generated_kernel_GB": generated / 1e9,
+         "extern_kernel_GB": extern / 1e9, "kernels": len(metrics.nodes_num_elem), "compile_and_step_s": seconds}
+    for dev, (peak, bw) in DEVICES.items():
+        t_mm, t_mem = flops / peak / 1e9, generated / bw / 1e9                        # ms
+        r[dev] = {"matmul_ms": t_mm, "generated_kernel_ms": t_mem, "roofline_ms": t_mm + t_mem,
+                  "mfu_ceiling": t_mm / (t_mm + t_mem)}
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mit-tiny", choices=list(PRESETS))
+    p.add_argument("--variant", default=None, choices=VARIANTS)
+    p.add_argument("--input-size", type=int, nargs="+", default=[8, 8], help="2 ints (image) or 3 (volume)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--cases", default="fm,fast", help="comma list of fm, fast")
+    p.add_argument("--out", default="bench/step_bytes.json")
+    args = p.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    if any(c not in ("fm", "fast") for c in cases) or len(args.input_size) not in (2, 3) or args.batch < 1:
+        p.error("--cases takes fm and/or fast; --input-size 2 or 3 ints; --batch >= 1")
+    torch.manual_seed(0)
+    try:
+        model = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
+                      patch_size=args.patch_size, num_classes=10)
+    except ValueError as e:
+        p.error(str(e))
+    with torch.no_grad():  # zero-initialised gates made non-zero, as jvp_throughput.py does
+        for q in model.parameters():
+            if not q.any():
+                q.normal_(0, 0.02)
+    use_math_for_fused_attention_on_cpu()
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only with its metrics log on
+    results = []
+    for c in cases:
+        results.append(measure(args, model, c))
+        print(json.dumps(results[-1]))
+    torch._logging.set_logs(inductor_metrics=False)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"counted_on": "CPU inductor", "torch": torch.__version__, "args": vars(args),
+            "tokens": model.spec.num_tokens, "devices": DEVICES}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print("\n| case | GFLOP/step | generated-kernel GB | extern GB | kernels | H100 roofline ms (MFU ceiling) "
+          "| H200 roofline ms (MFU ceiling) |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['case']} | {r['gflop']:.1f} | {r['generated_kernel_GB']:.2f} | {r['extern_kernel_GB']:.2f} "
+              f"| {r['kernels']} | {r['H100']['roofline_ms']:.1f} ({r['H100']['mfu_ceiling']:.0%}) "
+              f"| {r['H200']['roofline_ms']:.1f} ({r['H200']['mfu_ceiling']:.0%}) |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
