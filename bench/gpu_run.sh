@@ -2,7 +2,7 @@
 # The prepared GPU session: correctness on CUDA first, then the benchmarks, in stages.
 #   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 370 s at most
 #   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
-#   later: "mem64 mfu-xl mfu-pmf", "cudagraphs profile fid", "2d 3d blocks" (the older tables)
+#   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 # A device session has about 15 minutes in all, start-up included, 10 minutes a call: the two calls
 # above are issue #16's order (kernels checked in bf16 and on CUDA, then the attention targets,
 # then MFU and fast/fm of MiT-B/2 compiled, then 3D compiled). Each stage's timeout is its budget;
@@ -15,7 +15,8 @@
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
 # fm/naive/fast, then compiled fm/fast), cudagraphs (compile-mode reduce-overhead), blocks
 # (--compile-scope blocks), 3d (48^3 eager fm/naive/fast), profile (per-pass times and kernel
-# tables of eager steps, 2D and 3D), fid (50k-sample FID cost of MiT-B/2). jvp_throughput prints
+# tables of eager steps, 2D and 3D), profile-compiled (the same of the compiled fm / fast steps of
+# MiT-B/2 at batch 128), fid (50k-sample FID cost of MiT-B/2). jvp_throughput prints
 # MFU per case (bf16 dense peak of H100 / H200). On the H100 (third session) compiling the MiT-B
 # step took 56-60 s (fm) and 106 s (fast).
 set -u
@@ -74,9 +75,13 @@ for stage in $STAGES; do
     fid)
       timeout 150 python3 bench/fid_throughput.py --model mit-b --input-size 32 32 --channels 4 --vae --batch 250 \
           --batches 4 --out "$OUT/fid_mitb.json" 2>&1 | tail -2 | tee "$OUT/fid_mitb.log" ;;
+    profile-compiled)
+      # Where the compiled step's time goes (the roofline of bench/step_bytes.py leaves it 3x short at batch 32).
+      timeout 200 python3 bench/profile_step.py --batch 128 --case fm --compile --out "$OUT/prof_2d_fm_compiled_b128.txt" 2>&1 | head -3
+      timeout 250 python3 bench/profile_step.py --batch 128 --compile --out "$OUT/prof_2d_fast_compiled_b128.txt" 2>&1 | head -3 ;;
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, mem64, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
   esac
 done

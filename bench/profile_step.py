@@ -4,12 +4,14 @@
     python bench/profile_step.py --batch 32 --compile --out prof_compiled.txt
     python bench/profile_step.py --input-size 48 48 48 --batch 1 --case fm --out prof_3d_fm.txt
 
-The table sorts ops by CUDA time; compare "Self CPU total" with "Self CUDA total" at its foot to
-see whether the step is bound by the GPU or by launching work from Python. Before the table, the
+The table sorts ops by CUDA time; compare "Self CPU total" with "Self CUDA total" at its foot, and
+the step's wall time in the first line with "Self CUDA total", to see whether the step is bound by
+the GPU or by launching work from Python. The kernel timeline goes beside --out (.trace.json). Before the table, the
 step's passes are timed with CUDA events (guidance, with-grad forward, backward) for case fast.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,7 +79,14 @@ def timed_passes(reps: int = 3) -> str:
 for _ in range(3):
     step()
 torch.cuda.synchronize()
-head = f"MiT-B/2 {args.case} {size} batch {args.batch}{' compiled' if args.compile else ''}\n"
+walls = []
+for _ in range(3):  # wall time of a step, against the GPU time the table sums: the gap is launch / idle time
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    walls.append(1e3 * (time.perf_counter() - t0))
+head = (f"MiT-B/2 {args.case} {size} batch {args.batch}{' compiled' if args.compile else ''}: "
+        f"step wall {sorted(walls)[1]:.1f} ms (median of 3)\n")
 if args.case == "fast" and not args.compile:
     head += "passes: " + timed_passes() + "\n"
 print(head, flush=True)
@@ -86,4 +95,5 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, tor
     torch.cuda.synchronize()
 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 Path(args.out).write_text(head + table)
+prof.export_chrome_trace(str(Path(args.out).with_suffix(".trace.json")))  # the kernel timeline: gaps show
 print(table)

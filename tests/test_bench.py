@@ -64,3 +64,14 @@ def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]  # without CUDA: one tiny interpreter case
     assert {"triton fwd", "triton fwd+jvp", "kernel fwd+jvp", "triton bwd"} <= set(row["tflops"])
     assert row["results"]["kernel fwd+jvp"]["ms"] > 0
+
+
+def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
+    out = tmp_path / "bytes.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_bytes.py"), "--cases", "fm", "--batch", "2",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["gflop"] > 0 and r["generated_kernel_GB"] > 0 and r["extern_kernel_GB"] > 0 and r["kernels"] > 10
+    h100, h200 = r["H100"], r["H200"]
+    assert h100["roofline_ms"] == pytest.approx(h100["matmul_ms"] + h100["generated_kernel_ms"])
+    assert 0 < h100["mfu_ceiling"] < h200["mfu_ceiling"] < 1  # same peak, more bandwidth
