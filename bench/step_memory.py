@@ -11,7 +11,8 @@ linear, matmul and SDPA as CUDA's does; norms compute in fp32 as the model write
 the primal attention, and for rows with a tangent the fused attention op (its fake kernel stands
 in for the Triton launch: it returns what the GPU kernel allocates).
 
-Per case: saved activations and step peak as jvp_throughput.py measures them (the most bytes live
+Per case: the step's matmul FLOPs (counted as bench/jvp_throughput.py counts them: shapes are all
+they need), saved activations and step peak as jvp_throughput.py measures them (the most bytes live
 during a step above what was live before it: gradients of the previous step, freed by zero_grad,
 count as live before), the persistent state (fp32 weights, gradients, Adam's two moments) and
 total = state + step peak. Not counted: the CUDA context, cuBLAS / cuDNN workspaces and allocator
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmf.models import PRESETS, VARIANTS, build, functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
 from jvp_throughput import case_plan, saved_bytes  # noqa: E402
+from kernels.flops import count_flops  # noqa: E402
 
 MiB = 2**20
 
@@ -105,7 +107,7 @@ def measure(args, case: str, batch: int, fake: bool = True) -> dict:
 
         with amp():
             saved = saved_bytes(compute)
-        step()  # a step before: Adam's moments and the previous gradients exist, as in a timed step
+        flops = count_flops(step)  # also the step before: Adam's moments and the previous gradients exist
         tracker = LiveBytes()
         for p in params.values():
             tracker.add(p.grad)
@@ -116,7 +118,7 @@ def measure(args, case: str, batch: int, fake: bool = True) -> dict:
                     if isinstance(t, torch.Tensor))
     peak = tracker.peak - before
     return {"case": case, "batch": batch, "saved_activation_MiB": saved / MiB, "step_peak_MiB": peak / MiB,
-            "state_MiB": state / MiB, "total_MiB": (state + peak) / MiB}
+            "state_MiB": state / MiB, "total_MiB": (state + peak) / MiB, "gflop_per_step": flops / 1e9}
 
 
 def largest_batch(args, case: str, capacity_mib: float) -> dict | None:
@@ -175,13 +177,17 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"predicted_on": "fake tensors (no device)", "torch": torch.__version__, "args": vars(args), "tokens": tokens}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print("\n| case | batch | saved act. MiB | step peak MiB | state MiB | total GiB |\n|---|---|---|---|---|---|")
+    print("\n| case | batch | GFLOP/step | saved act. MiB | step peak MiB | state MiB | total GiB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | {r['error']} | | | | |")
+            print(f"| {r['case']} | {r['error']} | | | | | |")
         else:
-            print(f"| {r['case']} | {r['batch']} | {r['saved_activation_MiB']:.0f} | {r['step_peak_MiB']:.0f} "
-                  f"| {r['state_MiB']:.0f} | {r['total_MiB'] / 1024:.1f} |")
+            print(f"| {r['case']} | {r['batch']} | {r['gflop_per_step']:.0f} | {r['saved_activation_MiB']:.0f} "
+                  f"| {r['step_peak_MiB']:.0f} | {r['state_MiB']:.0f} | {r['total_MiB'] / 1024:.1f} |")
+    flops = {r["case"]: r["gflop_per_step"] for r in results if "error" not in r}
+    if "fm" in flops and "fast" in flops and not args.fit:
+        print(f"fast/fm FLOPs: {flops['fast'] / flops['fm']:.3f}")
     print(f"wrote {args.out}")
 
 

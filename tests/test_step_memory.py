@@ -41,6 +41,7 @@ def test_fake_prediction_equals_the_real_step(case):
     fake, real = step_memory.measure(args, case, 8), step_memory.measure(args, case, 8, fake=False)
     assert fake["saved_activation_MiB"] == real["saved_activation_MiB"] > 1
     assert fake["state_MiB"] == real["state_MiB"] > 0
+    assert fake["gflop_per_step"] == real["gflop_per_step"] > 0
     if case == "fast":
         assert 0 <= real["step_peak_MiB"] - fake["step_peak_MiB"] < 0.02 * real["step_peak_MiB"]
     else:
