@@ -12,7 +12,8 @@ work) and extern kernels (matmuls, attention: inputs and outputs). With the step
     t = FLOPs / peak  +  generated-kernel bytes / memory bandwidth
 
 (matmuls at the tensor-core peak, every other kernel at full bandwidth, one after another), and
-the MFU ceiling FLOPs / peak / t. A model, not a measurement: the CPU backend fuses somewhat
+the MFU ceiling FLOPs / peak / t. Per case it also lists the kernels by group (the aten ops fused
+into a generated kernel, or the extern kernel) with their bytes: where the traffic goes. A model, not a measurement: the CPU backend fuses somewhat
 differently from the GPU's Triton backend, and matmuls reach perhaps 60-80% of peak at these
 sizes; launch gaps are not in it. What it shows on a CPU: how much memory traffic each step
 moves besides its matmuls, and how a change alters it.
@@ -21,6 +22,7 @@ The fused attention ops run as math on the CPU here (same inputs, outputs and gr
 traffic is counted as their inputs and outputs, as a flash kernel's). JSON goes to --out.
 """
 import argparse
+import collections
 import copy
 import json
 import os
@@ -72,6 +74,15 @@ def use_math_for_fused_attention_on_cpu():
     torch.library.register_kernel("fastmf::flash_attention_backward", "cpu", attention_backward_math)
 
 
+def kernel_group(node) -> str:
+    """A scheduler node's group: the extern kernel's name, or the aten ops fused into a generated kernel."""
+    if isinstance(node, ExternKernelSchedulerNode):
+        return "extern " + str(getattr(node.node, "python_kernel_name", None) or type(node.node).__name__)
+    ops = {str(o.target).split(".")[-2] if "." in str(o.target) else str(o.target)
+           for n in node.get_nodes() for o in n.node.origins if o.op == "call_function"}
+    return "+".join(sorted(ops)) or "?"
+
+
 def measure(args, model, case: str) -> dict:
     """Bytes of one compiled step of case (forward and backward graphs), and its matmul FLOPs."""
     draw_fn, loss_fn, attn = case_plan(model.record["variant"])[case]
@@ -100,8 +111,13 @@ def measure(args, model, case: str) -> dict:
     seconds = time.perf_counter() - t0
     generated = sum(4 * n for node, n in metrics.nodes_num_elem if not isinstance(node, ExternKernelSchedulerNode))
     extern = sum(4 * n for node, n in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode))
+    groups, counts = collections.Counter(), collections.Counter()
+    for node, n in metrics.nodes_num_elem:
+        groups[kernel_group(node)] += 4 * n
+        counts[kernel_group(node)] += 1
     r = {"case": case, "batch": args.batch, "gflop": flops / 1e9, "generated_kernel_GB": generated / 1e9,
-         "extern_kernel_GB": extern / 1e9, "kernels": len(metrics.nodes_num_elem), "compile_and_step_s": seconds}
+         "extern_kernel_GB": extern / 1e9, "kernels": len(metrics.nodes_num_elem), "compile_and_step_s": seconds,
+         "top_kernel_groups": [{"group": g, "GB": b / 1e9, "kernels": counts[g]} for g, b in groups.most_common(args.top)]}
     for dev, (peak, bw) in DEVICES.items():
         t_mm, t_mem = flops / peak / 1e9, generated / bw / 1e9                        # ms
         r[dev] = {"matmul_ms": t_mm, "generated_kernel_ms": t_mem, "roofline_ms": t_mm + t_mem,
@@ -119,6 +135,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--cases", default="fm,fast", help="comma list of fm, fast")
+    p.add_argument("--top", type=int, default=25, help="kernel groups listed per case, by bytes")
     p.add_argument("--out", default="bench/step_bytes.json")
     args = p.parse_args()
     cases = [c for c in args.cases.split(",") if c]
@@ -136,10 +153,17 @@ def main():
                 q.normal_(0, 0.02)
     use_math_for_fused_attention_on_cpu()
     torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only with its metrics log on
+    # ... and only when it schedules the graph: a cached graph (from an earlier run) would count nothing
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     results = []
     for c in cases:
         results.append(measure(args, model, c))
-        print(json.dumps(results[-1]))
+        r = results[-1]
+        print(f"{c}: {r['gflop']:.1f} GFLOP, generated kernels {r['generated_kernel_GB']:.3f} GB, extern "
+              f"{r['extern_kernel_GB']:.3f} GB, {r['kernels']} kernels; by bytes (GB, kernels, group):")
+        for k in r["top_kernel_groups"]:
+            print(f"  {k['GB']:8.3f} {k['kernels']:5d}  {k['group']}")
     torch._logging.set_logs(inductor_metrics=False)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"counted_on": "CPU inductor", "torch": torch.__version__, "args": vars(args),

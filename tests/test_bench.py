@@ -75,3 +75,5 @@ def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
     h100, h200 = r["H100"], r["H200"]
     assert h100["roofline_ms"] == pytest.approx(h100["matmul_ms"] + h100["generated_kernel_ms"])
     assert 0 < h100["mfu_ceiling"] < h200["mfu_ceiling"] < 1  # same peak, more bandwidth
+    groups = r["top_kernel_groups"]
+    assert any(g["group"].startswith("extern") for g in groups) and all(g["GB"] > 0 for g in groups)
