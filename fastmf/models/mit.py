@@ -143,7 +143,9 @@ class RoPEAttention(nn.Module):
                     da = apply_rope(da, cos, sin)
             qkv.append((a, da))
         dtype = qkv[2][0].dtype
-        (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.to(dtype).transpose(1, 2)) for a, da in qkv]
+        # The tangents keep RoPE's compute dtype: attention_with_tangent scales them before its one
+        # cast to the kernel's dtype, so the softmax scale adds no rounding.
+        (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.transpose(1, 2)) for a, da in qkv]
         flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
         o, do = attention_tail_tangent(q, k, v, dq, dk, dv, self.attn_backend)         # (B | Bt, H, N, Dh)
         out = self.out_proj(flat(o))
