@@ -117,6 +117,9 @@ def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides
     acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
     if TANGENT_S or TANGENT_V:
         acc_t = acc_t * alpha[:, None]
+    if TANGENT_V:
+        tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(v.dtype)
+        acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
     if TANGENT_S:
         ds = tl.zeros(qk.shape, tl.float32)                                  # dS, scale included
         if TANGENT_Q:
@@ -127,9 +130,6 @@ def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides
         p_ds = p * ds                                                        # (BLOCK_M, BLOCK_N)
         mu = mu * alpha + tl.sum(p_ds, 1)
         acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
-    if TANGENT_V:
-        tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(v.dtype)
-        acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
     return m_new, l, acc_o, mu, acc_t
 
 
