@@ -123,6 +123,21 @@ def saved_bytes(fn) -> int:
     return sum(v if isinstance(v, int) else v.nbytes() for v in seen.values())
 
 
+def add_model_args(p: argparse.ArgumentParser, model: str = "mit-tiny", input_size=(8, 8), channels: int = 1):
+    """The model and input options of the step benchmarks (this one, step_memory.py, step_bytes.py)."""
+    p.add_argument("--model", default=model, choices=list(PRESETS))
+    p.add_argument("--variant", default=None, choices=VARIANTS, help="default: iMF, or MF for backbones without a v-head")
+    p.add_argument("--input-size", type=int, nargs="+", default=list(input_size), help="2 ints (image) or 3 (volume)")
+    p.add_argument("--channels", type=int, default=channels)
+    p.add_argument("--patch-size", type=int, default=2)
+
+
+def build_model(args):
+    """The benchmarked model of add_model_args' options (10 classes); ValueError for a bad combination."""
+    return build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
+                 patch_size=args.patch_size, num_classes=10)
+
+
 def case_plan(variant: str) -> dict:
     """case -> (draw, loss from draws, attention backend). fast's "auto": SDPA for the primal
     passes, for the JVP pass the fused Triton forward+tangent op on CUDA (math on CPU); naive runs
@@ -231,11 +246,7 @@ def eager_flops_of(results: list[dict], case: str) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mit-tiny", choices=list(PRESETS))
-    p.add_argument("--variant", default=None, choices=VARIANTS, help="default: iMF, or MF for backbones without a v-head")
-    p.add_argument("--input-size", type=int, nargs="+", default=[8, 8], help="2 ints (image) or 3 (volume)")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--patch-size", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every case each)")
@@ -265,8 +276,7 @@ def main():
 
     torch.manual_seed(0)
     try:
-        model = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                      patch_size=args.patch_size, num_classes=10).to(device)
+        model = build_model(args).to(device)
     except ValueError as e:
         p.error(str(e))
     args.variant = model.record["variant"]

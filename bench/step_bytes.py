@@ -37,36 +37,27 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastmf.models import PRESETS, VARIANTS, build, functional  # noqa: E402
+from fastmf.models import functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
-from jvp_throughput import case_plan  # noqa: E402
+from jvp_throughput import add_model_args, build_model, case_plan  # noqa: E402
+from kernels import attention, attention_with_tangent  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
 # Dense bf16 peak TFLOP/s and HBM TB/s (SXM parts).
 DEVICES = {"H100": (989.4, 3.35), "H200": (989.4, 4.8)}
 
 
-def _probs(q, k, scale):
-    return torch.softmax(scale * q.float() @ k.float().transpose(-2, -1), dim=-1)      # (B, H, N, N)
-
-
 def attention_with_tangent_math(q, k, v, sdq, sdk, dv, scale):
-    """fastmf::flash_attention_with_tangent as math: (O, lse, dO) for tangents (scale dQ, scale dK, dV)."""
-    s = scale * q.float() @ k.float().transpose(-2, -1)                                 # (B, H, N, N)
-    p = torch.softmax(s, dim=-1)
-    ds = sdq.float() @ k.float().transpose(-2, -1) + q.float() @ sdk.float().transpose(-2, -1)
-    dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-    do = dp @ v.float() + p @ dv.float()
-    return (p @ v.float()).to(q.dtype), torch.logsumexp(s, dim=-1), do.to(q.dtype)
+    """fastmf::flash_attention_with_tangent by kernels.attention's math: (O, lse, dO) for (scale dQ, scale dK, dV)."""
+    o, do = attention_with_tangent(q, k, v, sdq / scale, sdk / scale, dv, scale=scale, backend="torch")
+    return o, torch.logsumexp(scale * q.float() @ k.float().transpose(-2, -1), dim=-1), do   # lse (B, H, N)
 
 
 def attention_backward_math(q, k, v, o, lse, grad_o, scale):
-    """fastmf::flash_attention_backward as math."""
-    p, go = _probs(q, k, scale), grad_o.float()
-    dp = go @ v.float().transpose(-2, -1)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
-    return ((ds @ k.float()).to(q.dtype), (ds.transpose(-2, -1) @ q.float()).to(k.dtype),
-            (p.transpose(-2, -1) @ go).to(v.dtype))
+    """fastmf::flash_attention_backward by kernels.attention's math backward."""
+    with torch.enable_grad():
+        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+        return torch.autograd.grad(attention(*qkv, scale=scale, backend="torch"), qkv, grad_o)
 
 
 def use_math_for_fused_attention_on_cpu():
@@ -127,11 +118,7 @@ def measure(args, model, case: str) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mit-tiny", choices=list(PRESETS))
-    p.add_argument("--variant", default=None, choices=VARIANTS)
-    p.add_argument("--input-size", type=int, nargs="+", default=[8, 8], help="2 ints (image) or 3 (volume)")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--patch-size", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--cases", default="fm,fast", help="comma list of fm, fast")
@@ -143,8 +130,7 @@ def main():
         p.error("--cases takes fm and/or fast; --input-size 2 or 3 ints; --batch >= 1")
     torch.manual_seed(0)
     try:
-        model = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                      patch_size=args.patch_size, num_classes=10)
+        model = build_model(args)
     except ValueError as e:
         p.error(str(e))
     with torch.no_grad():  # zero-initialised gates made non-zero, as jvp_throughput.py does

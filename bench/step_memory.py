@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastmf.models import PRESETS, VARIANTS, build, functional  # noqa: E402
+from fastmf.models import functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
-from jvp_throughput import case_plan, saved_bytes  # noqa: E402
+from jvp_throughput import add_model_args, build_model, case_plan, saved_bytes  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
 MiB = 2**20
@@ -82,8 +82,7 @@ def measure(args, case: str, batch: int, fake: bool = True) -> dict:
     """Memory of one step of `case` at `batch` (MiB), on fake tensors or (fake=False, to check
     the prediction) on real CPU tensors."""
     with FakeTensorMode() if fake else contextlib.nullcontext():
-        model = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                      patch_size=args.patch_size, num_classes=10)
+        model = build_model(args)
         draw_fn, loss_fn, attn = case_plan(model.record["variant"])[case]
         # "auto" on a CPU would pick math attention for the tangent rows; the GPU's choice is
         # SDPA for primal work and the fused op for rows with a tangent, which "sdpa" gives here.
@@ -142,11 +141,7 @@ def largest_batch(args, case: str, capacity_mib: float) -> dict | None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mit-b", choices=list(PRESETS))
-    p.add_argument("--variant", default=None, choices=VARIANTS, help="default: iMF, or MF for backbones without a v-head")
-    p.add_argument("--input-size", type=int, nargs="+", default=[32, 32], help="2 ints (image) or 3 (volume)")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--patch-size", type=int, default=2)
+    add_model_args(p, model="mit-b", input_size=(32, 32), channels=4)
     p.add_argument("--batch", type=int, default=32, help="per-GPU batch (ignored with --fit)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="bf16: autocast, as a GPU step runs")
     p.add_argument("--cases", default="fm,fast", help="comma list of fm, naive, fast")
@@ -162,8 +157,7 @@ def main():
             p.error(f"unknown case {c!r}; choose from fm, naive, fast")
     try:
         with torch.device("meta"):  # sizes only
-            tokens = build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                           patch_size=args.patch_size, num_classes=10).spec.num_tokens
+            tokens = build_model(args).spec.num_tokens
     except ValueError as e:
         p.error(str(e))
     print(f"{args.model} {tuple(args.input_size)} p{args.patch_size}: {tokens} tokens, {args.dtype}, "
