@@ -165,6 +165,18 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
+def rows_up_to(path: Path, step: int) -> list[str]:
+    """metrics.jsonl's rows of steps <= step; a row torn by a killed write is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
 class Logger:
     """Rank 0's metrics.jsonl (a fresh run starts a fresh file), progress bar and wandb."""
 
@@ -172,6 +184,10 @@ class Logger:
         self.path, self.run = out / "metrics.jsonl", None
         if not resumed:
             self.path.unlink(missing_ok=True)
+        elif self.path.exists():  # steps past the resumed checkpoint run again: drop their old rows
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(f"{row}\n" for row in rows_up_to(self.path, step)))
+            os.replace(tmp, self.path)  # atomic: a kill now loses no row
         if cfg.run.wandb:
             import wandb
             os.environ.setdefault("WANDB_MODE", "offline")

@@ -68,7 +68,14 @@ def init(device_name: str, resolve) -> Dist:
         device = torch.device("cuda", local)  # one GPU per process, by local rank
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store, _, _ = next(td.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        # Workers restarted by torchrun --max-restarts reach the same agent store as the failed
+        # round, which still holds that round's addresses: a rank that reads one before its peer
+        # rewrites it connects to a dead process (pytorch issue 167288). Each round keys its own.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=td.PrefixStore(f"fastmf/attempt_{attempt}", store),
+                              rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, world, device)
 
 

@@ -18,10 +18,10 @@ FLAGS = ["--no-compile", "--batch-size", "16", "--log-every", "1", "--ckpt-every
 TOL = dict(rtol=1e-5, atol=1e-6)  # reduction order: DDP averages the ranks' gradients
 
 
-def launch(nproc: int, out: Path, *args: str, wait: bool = True):
-    """`python train.py` (nproc 1) or `torchrun --standalone --nproc_per_node=nproc train.py`."""
+def launch(nproc: int, out: Path, *args: str, wait: bool = True, torchrun: tuple = ()):
+    """`python train.py` (nproc 1) or `torchrun --standalone --nproc_per_node=nproc *torchrun train.py`."""
     cmd = [sys.executable, "train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun, "train.py"]
     cmd += [*FLAGS, "--out", str(out), *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     if not wait:
@@ -84,20 +84,54 @@ def wait_for(path: Path, proc, timeout=300):
         time.sleep(0.05)
 
 
+END = 30  # steps of the kill and restart tests
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted END-step runs of 1 and 2 processes, made once: nproc -> run folder."""
+    runs = {}
+
+    def run(nproc: int) -> Path:
+        if nproc not in runs:
+            runs[nproc] = tmp_path_factory.mktemp(f"straight{nproc}")
+            launch(nproc, runs[nproc], "--steps", str(END))
+        return runs[nproc]
+    return run
+
+
+def newest_step(out: Path) -> int:
+    return max(int(p.stem.split("_")[1]) for p in out.glob("ckpt_*.safetensors"))
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_kill_9_then_resume_is_bit_identical(tmp_path, nproc):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def test_kill_9_then_resume_is_bit_identical(tmp_path, nproc, straight):
+    killed = tmp_path / "killed"
     proc = launch(nproc, killed, "--steps", "1000", wait=False)
     wait_for(killed / "ckpt_0000002.safetensors", proc)
     # Every process of the job, mid-run (torchrun's workers have process groups of their own).
     subprocess.run(["pkill", "-9", "-f", "--", f"--out {killed}"], check=False)
     proc.wait()
-    reached = max(int(p.stem.split("_")[1]) for p in killed.glob("ckpt_*.safetensors"))
-    end = 30
-    assert reached < end, f"the killed run reached step {reached} before the kill"
-    launch(nproc, straight, "--steps", str(end))
-    launch(nproc, killed, "--steps", str(end), "--resume")
-    assert_same_weights(weights(killed, end), weights(straight, end), exact=True)
+    assert newest_step(killed) < END, f"the killed run reached step {newest_step(killed)} before the kill"
+    launch(nproc, killed, "--steps", str(END), "--resume")
+    assert_same_weights(weights(killed, END), weights(straight(nproc), END), exact=True)
+    assert [r["step"] for r in metrics(killed)] == list(range(1, END + 1))  # rows past the checkpoint: once
+
+
+def test_torchrun_max_restarts_resumes_by_itself_bit_identically(tmp_path, straight):
+    """One worker of a 2-process job killed: torchrun restarts both (TORCHELASTIC_RESTART_COUNT 1),
+    which resume the newest checkpoint without --resume and end where an uninterrupted run ends."""
+    out = tmp_path / "restarted"
+    proc = launch(2, out, "--steps", str(END), wait=False, torchrun=("--max-restarts=1",))
+    wait_for(out / "ckpt_0000002.safetensors", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed ckpt_" in stdout, stdout
+    assert_same_weights(weights(out, END), weights(straight(2), END), exact=True)
+    assert [r["step"] for r in metrics(out)] == list(range(1, END + 1))
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):

@@ -39,6 +39,8 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(small(straight))
     train.main(small(split, steps=3))
+    with open(split / "metrics.jsonl", "a") as f:  # what a run killed past its checkpoint leaves
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     train.main(small(split, resume=True))
     a = load_file(str(straight / "ckpt_0000006.safetensors"))
     b = load_file(str(split / "ckpt_0000006.safetensors"))
@@ -47,6 +49,8 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
         assert (a[k] == b[k]).all(), k
     lines = [json.loads(s) for s in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6] and all(np.isfinite(r["loss"]) for r in lines)
+    resumed = [json.loads(s) for s in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [2, 3, 4, 6] and resumed[2]["loss"] != 1.0  # 3: the first run's last
     report = json.loads((straight / "eval.json").read_text())
     assert 0 <= report["agreement"] <= 1 and report["nfe"] == 1
     assert (straight / "samples_0000006.png").exists()
