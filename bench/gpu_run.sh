@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU session: correctness on CUDA first, then the benchmarks, in stages.
-#   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 370 s at most
+#   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 420 s at most
 #   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
 #   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 # A device session has about 15 minutes in all, start-up included, 10 minutes a call: the two calls
@@ -9,7 +9,7 @@
 # the JSON is rewritten after every phase, so a stage cut short keeps what it measured.
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), attention
 # (bench/attention_jvp.py at N = 4096 .. 16384, D = 64 and 128: fwd+JVP and bwd TFLOP/s against
-# cuDNN), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
+# cuDNN, the two-pass and the atomic-dQ backward side by side), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
 # pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
 # bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), mem64 (64^3 volume,
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
@@ -32,8 +32,8 @@ for stage in $STAGES; do
   case $stage in
     check)
       timeout 150 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
-      # bf16 kernel tests (the CPU interpreter cannot check bf16); needs pytest on the device
-      timeout 60 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k bf16 2>&1 \
+      # bf16 kernel tests (the CPU interpreter cannot check bf16) and the atomic-dQ backward on CUDA
+      timeout 90 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k "bf16 or atomic" 2>&1 \
           | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;
     2d)
       timeout 330 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \
@@ -57,7 +57,7 @@ for stage in $STAGES; do
     attention)
       for hd in "64 12" "128 6"; do
         set -- $hd
-        timeout 80 python3 -m bench.attention_jvp --seq-lens 4096 8192 16384 --head-dim $1 --heads $2 --reps 5 \
+        timeout 90 python3 -m bench.attention_jvp --seq-lens 4096 8192 16384 --head-dim $1 --heads $2 --reps 5 \
             --out "$OUT/attention_jvp_d$1.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp_d$1.log"
       done ;;
     mfu-b|mfu-xl|mfu-pmf)

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_FILE = "kernels/attention_triton.py"
 # kernel -> (autotune config list name, tangents)
 KERNELS = {"fwd+jvp": ("_QUERY_MAJOR", True), "fwd": ("_QUERY_MAJOR", False),
-           "bwd dq": ("_QUERY_MAJOR", None), "bwd dk dv": ("_KEY_MAJOR", None)}
+           "bwd dq": ("_QUERY_MAJOR", None), "bwd dk dv": ("_KEY_MAJOR", None),
+           "bwd dk dv + atomic dq": ("_KEY_MAJOR", None)}  # set_backward("atomic"): no "bwd dq" kernel
 
 
 def use_sm90_without_a_device():
@@ -77,7 +78,14 @@ def compile_kernel(mod, kernel: str, head_dim: int, cfg):
                                        TANGENT_Q=t, TANGENT_K=t, TANGENT_V=t, **meta)
     if kernel == "bwd dq":
         return mod._attn_bwd_dq.fn.warmup(x, x, x, x, lse, lse, x, st, st, st, st, st, 1, 8192, 0.125, **meta)
-    return mod._attn_bwd_dkdv.fn.warmup(x, x, x, x, lse, lse, x, x, st, st, st, st, st, st, 1, 8192, 0.125, **meta)
+    if "ATOMIC_DQ" not in mod._attn_bwd_dkdv.fn.arg_names:  # before the atomic dQ option
+        if kernel != "bwd dk dv":
+            return None
+        return mod._attn_bwd_dkdv.fn.warmup(x, x, x, x, lse, lse, x, x, st, st, st, st, st, st, 1, 8192, 0.125,
+                                            **meta)
+    dq = torch.empty(x.shape)  # the fp32 accumulator
+    return mod._attn_bwd_dkdv.fn.warmup(x, x, x, x, lse, lse, x, x, dq, st, st, st, st, st, st, dq.stride(),
+                                        1, 8192, 0.125, ATOMIC_DQ=kernel.endswith("atomic dq"), **meta)
 
 
 def sass_stats(cubin: bytes) -> dict:
@@ -111,9 +119,10 @@ def count(path: Path, kernels: list[str], head_dims: list[int]) -> list[dict]:
     for kernel in kernels:
         for d in head_dims:
             for cfg in getattr(mod, KERNELS[kernel][0]):
+                compiled = compile_kernel(mod, kernel, d, cfg)
                 rows.append({"kernel": kernel, "head_dim": d, "block_m": cfg.kwargs["BLOCK_M"],
                              "block_n": cfg.kwargs["BLOCK_N"], "warps": cfg.num_warps, "stages": cfg.num_stages,
-                             **sass_stats(compile_kernel(mod, kernel, d, cfg).asm["cubin"])})
+                             **(sass_stats(compiled.asm["cubin"]) if compiled else {})})  # {}: not in this version
     return rows
 
 
@@ -156,10 +165,10 @@ def main():
     for i, base in enumerate(counted["current"]):
         row = {k: v for k, v in base.items() if k not in stat_keys}
         for v in versions:
-            row[v] = {k: counted[v][i][k] for k in stat_keys}
+            row[v] = {k: counted[v][i][k] for k in stat_keys if k in counted[v][i]}
         rows.append(row)
         cells = " | ".join(f"{row[v]['loop_instructions']} ({row[v]['registers']}, {row[v]['spill_stack_bytes']})"
-                           for v in versions)
+                           if row[v] else "-" for v in versions)
         print(f"| {row['kernel']} | {row['head_dim']} | {row['block_m']} x {row['block_n']}, {row['warps']}, "
               f"{row['stages']} | {cells} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

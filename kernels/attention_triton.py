@@ -188,17 +188,21 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
         _store_rows(_head(TO, to_strides, b, h), to_strides, rows, N, t, HEAD_DIM, BLOCK_D)
 
 
-@triton.autotune(_KEY_MAJOR, key=["N", "HEAD_DIM"], prune_configs_by=_PRUNE)
+# reset_to_zero: the autotuner's timing runs would otherwise add into the dQ accumulator.
+@triton.autotune(_KEY_MAJOR, key=["N", "HEAD_DIM", "ATOMIC_DQ"], prune_configs_by=_PRUNE, reset_to_zero=["DQ"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV,
-                   q_strides, k_strides, v_strides, go_strides, dk_strides, dv_strides,
+def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV, DQ,
+                   q_strides, k_strides, v_strides, go_strides, dk_strides, dv_strides, dq_strides,
                    H, N, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (key block, batch, head): dK and dV, looping over all query blocks (no atomics).
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (key block, batch, head): dK and dV, looping over all query blocks.
 
     With P^T recomputed from the log-sum-exp and Delta = rowsum(dO * O) = rowsum(P * dP):
         dV = P^T dO,  dS^T = P^T * (V dO^T - Delta),  dK = scale dS^T Q
+    ATOMIC_DQ: also add each block's share of dQ / scale = dS K into the fp32, zeroed DQ with
+    atomics (5 matmuls per block pair instead of the 7 this kernel and _attn_bwd_dq make
+    together; the order of the additions, hence dQ's last bits, varies from run to run).
     """
     pid_n, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # (BLOCK_N,) keys
@@ -221,8 +225,13 @@ def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV,
         p_t = tl.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
         dv = tl.dot(p_t.to(go.dtype), go, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(go), input_precision=PRECISION)           # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D), unscaled
+            d_cols = tl.arange(0, BLOCK_D)
+            ptrs = _head(DQ, dq_strides, b, h) + rows[:, None] * dq_strides[2] + d_cols[None, :] * dq_strides[3]
+            tl.atomic_add(ptrs, dq, mask=(rows[:, None] < N) & (d_cols[None, :] < HEAD_DIM), sem="relaxed")
 
     _store_rows(_head(DK, dk_strides, b, h), dk_strides, cols, N, dk * scale, HEAD_DIM, BLOCK_D)
     _store_rows(_head(DV, dv_strides, b, h), dv_strides, cols, N, dv, HEAD_DIM, BLOCK_D)
@@ -301,17 +310,36 @@ def _flash_forward(q, k, v, sq_t, sk_t, v_t, scale):
     return o, lse, o_t
 
 
+BACKWARDS = ("two-pass", "atomic")
+_backward_mode = "two-pass"
+
+
+def set_backward(mode: str) -> None:
+    """How the flash backward makes dQ: "two-pass" (a second kernel recomputes P per query block:
+    7 matmuls per block pair, deterministic; the default) or "atomic" (the dK/dV kernel adds dQ
+    with fp32 atomics: 5 matmuls, as FlashAttention-2's backward; not bitwise reproducible, so
+    torch.use_deterministic_algorithms(True) keeps two-pass)."""
+    global _backward_mode
+    if mode not in BACKWARDS:
+        raise ValueError(f"flash backward must be one of {BACKWARDS}, got {mode!r}")
+    _backward_mode = mode
+
+
 def _flash_backward(q, k, v, o, lse, grad_o, scale):
     """dQ, dK, dV of the primal from the saved log-sum-exp (no N x N tensor)."""
     B, H, N, _ = q.shape
     grad_o = grad_o.to(q.dtype)  # the kernels' dots need one operand dtype
     delta = (grad_o.float() * o.float()).sum(-1).contiguous()              # (B, H, N)
-    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))                 # (B, H, N, D) each
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)                    # (B, H, N, D) each
+    atomic = _backward_mode == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    dq = q.new_zeros(q.shape, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     meta = _tile_meta(q)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B, H)](
-        q, k, v, grad_o, lse, delta, dk, dv,
-        q.stride(), k.stride(), v.stride(), grad_o.stride(), dk.stride(), dv.stride(),
-        H, N, scale, **meta)
+        q, k, v, grad_o, lse, delta, dk, dv, dq,
+        q.stride(), k.stride(), v.stride(), grad_o.stride(), dk.stride(), dv.stride(), dq.stride(),
+        H, N, scale, ATOMIC_DQ=atomic, **meta)
+    if atomic:
+        return (dq * scale).to(q.dtype), dk, dv
     _attn_bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B, H)](
         q, k, v, grad_o, lse, delta, dq,
         q.stride(), k.stride(), v.stride(), grad_o.stride(), dq.stride(),

@@ -131,6 +131,40 @@ def test_nested_jvp_is_refused():
         torch.func.jvp(inner, (q,), (dq,))
 
 
+@pytest.fixture
+def atomic_backward():
+    from kernels import attention_triton
+    attention_triton.set_backward("atomic")
+    yield attention_triton
+    attention_triton.set_backward("two-pass")
+
+
+BF16_ON_CUDA = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bf16 needs CUDA: the Triton interpreter computes bf16 arithmetic wrongly"))
+
+
+@pytest.mark.parametrize("B,H,N,D", [(2, 1, 77, 16), (1, 2, 64, 32), (1, 1, 33, 24), (2, 2, 1, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_ON_CUDA])
+def test_atomic_dq_backward_matches_math_attention(B, H, N, D, dtype, atomic_backward):
+    q, k, v, go = (randn((B, H, N, D), dtype, seed) for seed in range(4))
+    _, _, (dq_ref, dk_ref, dv_ref) = reference(q, k, v, (q, k, v), go)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    grads = torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), go)
+    for g, g_ref in zip(grads, (dq_ref, dk_ref, dv_ref)):
+        assert g.dtype == dtype
+        assert_close(g, g_ref, TOL[dtype][1])
+    # Deterministic algorithms keep the two-pass dQ: bitwise the default backward's.
+    torch.use_deterministic_algorithms(True)
+    try:
+        dq_det = torch.autograd.grad(triton(qs, ks, vs), qs, go)[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    atomic_backward.set_backward("two-pass")
+    assert torch.equal(dq_det, torch.autograd.grad(triton(qs, ks, vs), qs, go)[0])
+    with pytest.raises(ValueError, match="flash backward must be one of"):
+        atomic_backward.set_backward("fast")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="bf16 needs CUDA: the Triton interpreter computes bf16 arithmetic wrongly")
 @pytest.mark.parametrize("B,H,N,D", [(2, 3, 77, 32), (2, 2, 257, 64), (1, 2, 1000, 128)])
