@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmf.models import PRESETS, VARIANTS, Conditions, build, functional  # noqa: E402
 from fastmf.objectives import LOSSES_FROM_DRAWS, draw, objective_defaults  # noqa: E402
 from fastmf.train_step import fast_loss_from_draws  # noqa: E402
+from kernels.attention_triton import BACKWARDS, set_backward  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, for MFU: H100 / H200 SXM 989.4.
@@ -266,9 +267,13 @@ def main():
                         "mit-tiny but many minutes for mit-b's naive step)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak for MFU (default: bf16 on H100 / H200 989.4; none on CPU)")
+    p.add_argument("--flash-backward", default="two-pass", choices=BACKWARDS,
+                   help="how the Triton flash backward (the tangent rows' attention) makes dQ: a second kernel "
+                        "(two-pass, deterministic) or fp32 atomics in the dK/dV kernel (atomic: 5 matmuls, not 7)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()
+    set_backward(args.flash_backward)
     if len(args.input_size) not in (2, 3) or args.batch < 1 or args.steps < 1:
         p.error("--input-size takes 2 or 3 ints; --batch and --steps must be >= 1")
     device = torch.device(args.device)
