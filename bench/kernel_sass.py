@@ -161,11 +161,14 @@ def main():
           + " | ".join(f"{v}: loop instructions (regs, spill bytes)" for v in versions)
           + " |\n|---|---|---|" + "---|" * len(versions))
     stat_keys = ("loop_instructions", "registers", "spill_stack_bytes", "tensor_core", "exp2", "fp32_alu", "by_op")
+    config = lambda r: tuple(r[k] for k in ("kernel", "head_dim", "block_m", "block_n", "warps", "stages"))
+    by_config = {v: {config(r): r for r in counted[v]} for v in versions}  # versions may tune other tiles
     rows = []
-    for i, base in enumerate(counted["current"]):
+    for base in counted["current"]:
         row = {k: v for k, v in base.items() if k not in stat_keys}
         for v in versions:
-            row[v] = {k: counted[v][i][k] for k in stat_keys if k in counted[v][i]}
+            other = by_config[v].get(config(base), {})
+            row[v] = {k: other[k] for k in stat_keys if k in other}
         rows.append(row)
         cells = " | ".join(f"{row[v]['loop_instructions']} ({row[v]['registers']}, {row[v]['spill_stack_bytes']})"
                            if row[v] else "-" for v in versions)
