@@ -3,6 +3,9 @@
 #   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 420 s at most
 #   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
 #   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
+#   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
+#       every stage's commands are listed in $OUT/commands.txt instead of run, and bench/check_commands.py
+#       checks that each script accepts its arguments (seconds; a wrong flag costs device minutes)
 # A device session has about 15 minutes in all, start-up included, 10 minutes a call: the two calls
 # above are issue #16's order (kernels checked in bf16 and on CUDA, then the attention targets,
 # then MFU and fast/fm of MiT-B/2 compiled, then 3D compiled). Each stage's timeout is its budget;
@@ -24,6 +27,12 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
 STAGES=${STAGES:-check attention}
 mkdir -p "$OUT"
+if [ -n "${DRY:-}" ]; then
+  : > "$OUT/commands.txt"
+  timeout() { shift; "$@"; }
+  python3() { printf '%q ' "$@" >> "$OUT/commands.txt"; echo >> "$OUT/commands.txt"; }
+  nvidia-smi() { :; }
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 filter() { grep -v "^{\|^  File\|^    \|warnings.warn" | tail -25; }
@@ -87,3 +96,6 @@ for stage in $STAGES; do
     *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
   esac
 done
+if [ -n "${DRY:-}" ]; then
+  command python3 bench/check_commands.py "$OUT/commands.txt"
+fi

@@ -1,5 +1,7 @@
 """The benchmark of record runs on CPU and reports every case and ratio (a smoke test, no timing claims)."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +79,22 @@ def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
     assert 0 < h100["mfu_ceiling"] < h200["mfu_ceiling"] < 1  # same peak, more bandwidth
     groups = r["top_kernel_groups"]
     assert any(g["group"].startswith("extern") for g in groups) and all(g["GB"] > 0 for g in groups)
+
+
+def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
+    """DRY=1 bench/gpu_run.sh runs nothing: it lists each stage's commands and checks that every
+    bench script accepts its arguments, so a wrong flag is found before device time is spent."""
+    script = (ROOT / "bench/gpu_run.sh").read_text()
+    stages = re.search(r"unknown stage \$stage \(([^)]*)\)", script).group(1).split(", ")
+    env = os.environ | {"DRY": "1", "OUT": str(tmp_path), "STAGES": " ".join(stages)}
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_run.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "unknown stage" not in r.stdout and ": 0 refused" in r.stdout
+    checked = [line for line in r.stdout.splitlines() if line.startswith("ok: ")]
+    assert len(checked) >= len(stages) and all(f"--out {tmp_path}" in line for line in checked)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/check_commands.py"), str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "2 commands: 2 refused" in r.stdout, r.stdout
