@@ -73,9 +73,9 @@ def init(device_name: str, resolve) -> Dist:
         # Workers restarted by torchrun --max-restarts reach the same agent store as the failed
         # round, which still holds that round's addresses: a rank that reads one before its peer
         # rewrites it connects to a dead process (pytorch issue 167288). Each round keys its own.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=td.PrefixStore(f"fastmf/attempt_{attempt}", store),
-                              rank=rank, world_size=world, timeout=timeout)
+        round_store = td.PrefixStore(f"fastmf/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=round_store, rank=rank,
+                              world_size=world, timeout=timeout)
     return Dist(rank, world, device)
 
 
