@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, attention_tail_tangent, LabelEmbedder, PatchEmbed, RMSNorm,
-                                  ScalarEmbedder, SwiGLU, apply_rope, patchify, rope_1d,
+                                  ScalarEmbedder, SwiGLU, apply_rope, compute_dtype, patchify, rope_1d,
                                   call_block, rope_axial, tail, unpatchify)
 
 
@@ -292,28 +292,30 @@ class MiT(Backbone):
 
     def predict(self, z: torch.Tensor, c: Conditions, heads: str, tangent: Tangent | None) -> Prediction:
         seq = self.build_sequence(z, c.h, c.omega, c.t_min, c.t_max, c.y)          # (B, N, C)
+        # RoPE's tables in its compute dtype, cast once per call rather than in every block.
+        rope = tuple(t.to(compute_dtype(seq.dtype)) for t in (self.rope_cos, self.rope_sin))  # (N, Dh/2) each
         if tangent is not None:
-            return self._predict_with_tangent(z, seq, c, heads, tangent)
-        seq = self._run(self.shared_blocks, seq)
-        u = self._head(self.u_heads, self.u_final_layer, seq) if "u" in heads else None
-        v = self._head(self.v_heads, self.v_final_layer, seq) if "v" in heads else None
+            return self._predict_with_tangent(z, seq, c, heads, tangent, rope)
+        seq = self._run(self.shared_blocks, seq, rope)
+        u = self._head(self.u_heads, self.u_final_layer, seq, rope) if "u" in heads else None
+        v = self._head(self.v_heads, self.v_final_layer, seq, rope) if "v" in heads else None
         return Prediction(u, v)
 
-    def _run(self, blocks, seq):
+    def _run(self, blocks, seq, rope):
         for blk in blocks:
-            seq = call_block(blk, self.compiled_blocks, seq, self.rope_cos, self.rope_sin)
+            seq = call_block(blk, self.compiled_blocks, seq, *rope)
         return seq
 
-    def _head(self, blocks, final: "FinalLayer", seq) -> torch.Tensor:
+    def _head(self, blocks, final: "FinalLayer", seq, rope) -> torch.Tensor:
         """Head blocks, final layer on the patch tokens, unpatchified: (B, C, *S)."""
-        out = final(self._run(blocks, seq)[:, self.cfg.num_prefix:])
+        out = final(self._run(blocks, seq, rope)[:, self.cfg.num_prefix:])
         return unpatchify(out, self.cfg.patch_size, self.cfg.grid)
 
-    def _predict_with_tangent(self, z, seq, c: Conditions, heads: str, tangent: Tangent) -> Prediction:
+    def _predict_with_tangent(self, z, seq, c: Conditions, heads: str, tangent: Tangent, rope) -> Prediction:
         """u (and v) for all B samples, du along (dz, dh) for the last Bt, through the u-path
         (MiT does not read t, so dt does not enter)."""
         cfg = self.cfg
-        cos, sin = self.rope_cos, self.rope_sin
+        cos, sin = rope
         Bt = tangent.dz.shape[0]
         with torch.no_grad():
             # Only the time tokens (through h) and the patch tokens (through z) carry a tangent.
@@ -325,7 +327,7 @@ class MiT(Backbone):
                               d_patch], dim=1)                                       # (Bt, N, C)
         for blk in self.shared_blocks:
             seq, dseq = call_block(blk, self.compiled_blocks, seq, cos, sin, dseq)
-        v = self._head(self.v_heads, self.v_final_layer, seq) if "v" in heads else None
+        v = self._head(self.v_heads, self.v_final_layer, seq, rope) if "v" in heads else None
         for blk in self.u_heads:
             seq, dseq = call_block(blk, self.compiled_blocks, seq, cos, sin, dseq)
         out, dout = self.u_final_layer.jvp(seq[:, cfg.num_prefix:], dseq[:, cfg.num_prefix:])
