@@ -131,12 +131,16 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "mit-tiny", input_si
     p.add_argument("--input-size", type=int, nargs="+", default=list(input_size), help="2 ints (image) or 3 (volume)")
     p.add_argument("--channels", type=int, default=channels)
     p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--depth", type=int, default=None,
+                   help="override the preset's depth (trunk + one head), e.g. a shallow model of the same width")
+    p.add_argument("--aux-head-depth", type=int, default=None, help="override the preset's head depth (MiT)")
 
 
 def build_model(args):
     """The benchmarked model of add_model_args' options (10 classes); ValueError for a bad combination."""
+    overrides = {k: getattr(args, k) for k in ("depth", "aux_head_depth") if getattr(args, k, None) is not None}
     return build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                 patch_size=args.patch_size, num_classes=10)
+                 patch_size=args.patch_size, num_classes=10, **overrides)
 
 
 def case_plan(variant: str) -> dict:

@@ -50,14 +50,20 @@ DEVICES = {"H100": (989.4, 3.35), "H200": (989.4, 4.8)}
 def attention_with_tangent_math(q, k, v, sdq, sdk, dv, scale):
     """fastmf::flash_attention_with_tangent by kernels.attention's math: (O, lse, dO) for (scale dQ, scale dK, dV)."""
     o, do = attention_with_tangent(q, k, v, sdq / scale, sdk / scale, dv, scale=scale, backend="torch")
-    return o, torch.logsumexp(scale * q.float() @ k.float().transpose(-2, -1), dim=-1), do   # lse (B, H, N)
+    lse = torch.logsumexp(scale * q.float() @ k.float().transpose(-2, -1), dim=-1)             # (B, H, N)
+    return token_major(o), lse, token_major(do)
+
+
+def token_major(t):
+    """t (B, H, N, D) stored as (B, N, H, D): the layout of the Triton ops' outputs (their fake kernels say so)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def attention_backward_math(q, k, v, o, lse, grad_o, scale):
     """fastmf::flash_attention_backward by kernels.attention's math backward."""
     with torch.enable_grad():
         qkv = [x.detach().requires_grad_() for x in (q, k, v)]
-        return torch.autograd.grad(attention(*qkv, scale=scale, backend="torch"), qkv, grad_o)
+        return tuple(map(token_major, torch.autograd.grad(attention(*qkv, scale=scale, backend="torch"), qkv, grad_o)))
 
 
 def use_math_for_fused_attention_on_cpu():

@@ -291,15 +291,23 @@ def _tile_meta(q: torch.Tensor) -> dict:
                 PRECISION=_dot_precision(q.dtype))
 
 
+def _token_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor of x's (B, H, N, D) shape stored as (B, N, H, D): the layout of the
+    projections on either side of attention, so that out.transpose(1, 2).reshape(B, N, H D) is a
+    view, not a copy (FlashAttention's own layout; the kernels take any strides)."""
+    B, H, N, D = x.shape
+    return x.new_empty((B, N, H, D), dtype=dtype).transpose(1, 2)
+
+
 def _flash_forward(q, k, v, sq_t, sk_t, v_t, scale):
     """(O, log-sum-exp, dO) in one pass for the tangents (scale dQ, scale dK, dV) (the callers
     scale them where the scaling can fuse with the op before); dO is None when every tangent is
     None (= zero)."""
     B, H, N, _ = q.shape
-    o = q.new_empty(q.shape)                                                # (B, H, N, D)
+    o = _token_major(q)                                                     # (B, H, N, D)
     lse = q.new_empty((B, H, N), dtype=torch.float32)                       # (B, H, N)
     has_tangent = sq_t is not None or sk_t is not None or v_t is not None
-    o_t = q.new_empty(q.shape) if has_tangent else None                    # (B, H, N, D)
+    o_t = _token_major(q) if has_tangent else None                         # (B, H, N, D)
     # A missing tangent gets a stand-in pointer; its TANGENT_* flag compiles every load away.
     tq, tk, tv, to = (o if t is None else t for t in (sq_t, sk_t, v_t, o_t))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)  # noqa: E731
@@ -332,9 +340,9 @@ def _flash_backward(q, k, v, o, lse, grad_o, scale):
     B, H, N, _ = q.shape
     grad_o = grad_o.to(q.dtype)  # the kernels' dots need one operand dtype
     delta = (grad_o.float() * o.float()).sum(-1).contiguous()              # (B, H, N)
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)                    # (B, H, N, D) each
+    dk, dv = _token_major(k), _token_major(v)                              # (B, H, N, D) each
     atomic = _backward_mode == "atomic" and not torch.are_deterministic_algorithms_enabled()
-    dq = q.new_zeros(q.shape, dtype=torch.float32) if atomic else q.new_empty(q.shape)
+    dq = _token_major(q, torch.float32).zero_() if atomic else _token_major(q)
     meta = _tile_meta(q)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B, H)](
         q, k, v, grad_o, lse, delta, dk, dv, dq,
@@ -425,7 +433,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             get their output tangent from the same kernel pass.
         scale: softmax scale.
     Returns:
-        o: (B, H, N, D) contiguous, in q's dtype. Differentiable by ordinary backward; its
+        o: (B, H, N, D) stored token-major (o.transpose(1, 2) is contiguous), in q's dtype. Differentiable by ordinary backward; its
             tangent is not (stop-grad, as every MeanFlow loss uses it).
     """
     _check(q, k, v)
@@ -447,7 +455,7 @@ def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sd
 
 @_flash_with_tangent_op.register_fake
 def _(q, k, v, sdq, sdk, dv, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), q.new_empty(q.shape)
+    return _token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32), _token_major(q)
 
 
 @torch.library.custom_op("fastmf::flash_attention_backward", mutates_args=())
@@ -459,7 +467,7 @@ def _flash_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
 
 @_flash_backward_op.register_fake
 def _(q, k, v, o, lse, grad_o, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _token_major(q), _token_major(k), _token_major(v)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -480,7 +488,8 @@ _flash_with_tangent_op.register_autograd(_backward, setup_context=_save_for_back
 
 
 def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
-    """(O, dO) from one fused flash pass for explicit tangents (all (B, H, N, D)).
+    """(O, dO) from one fused flash pass for explicit tangents (all (B, H, N, D)); O and dO are
+    stored token-major, as `triton_attention`'s output.
 
     O is differentiable by ordinary backward (flash backward from the saved log-sum-exp) when
     grad mode is on; dO is stop-grad.

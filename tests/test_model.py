@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from fastmf.models import PRESETS, Tangent, build
 from helpers import tiny_model
@@ -97,6 +98,20 @@ def test_bf16_autocast_runs():
     ref, _ = model(z, *args)
     assert torch.isfinite(u.float()).all()
     assert (u.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-2
+
+
+def test_stacked_weight_is_the_cast_weights_side_by_side():
+    """One matmul for q, k, v (and w1, w3): the stack holds each weight as F.linear would use it,
+    in autocast's dtype under autocast (fp64 never cast), as is without."""
+    from fastmf.models.layers import stacked_weight
+    lins = [torch.nn.Linear(6, n, bias=False) for n in (6, 6, 4)]
+    x = torch.randn(3, 6)
+    assert torch.equal(stacked_weight(*lins), torch.cat([lin.weight for lin in lins]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = stacked_weight(*lins)
+        assert torch.equal(w, torch.cat([lin.weight.bfloat16() for lin in lins]))
+        torch.testing.assert_close(F.linear(x, w), torch.cat([lin(x) for lin in lins], -1))
+        assert stacked_weight(*(lin.double() for lin in lins)).dtype == torch.float64
 
 
 def test_bad_inputs_give_clear_errors():

@@ -68,6 +68,19 @@ class LayerNorm(nn.Module):
             return y, (r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)).to(dx.dtype)
 
 
+def stacked_weight(*linears: nn.Linear) -> torch.Tensor:
+    """The linears' weights stacked along the output dim: one matmul instead of several on the
+    same input (x read once, one GEMM as wide as all of them; in backward the input gradients are
+    summed inside that GEMM). The parameters stay separate (the references' layout). Under
+    autocast each weight is cast first, the cast F.linear would make, so that the stack is written
+    once in the compute dtype (cat then cast writes an fp32 copy, then the cast)."""
+    w = linears[0].weight
+    dev = w.device.type
+    if torch.is_autocast_enabled(dev) and w.dtype != torch.float64:
+        return torch.cat([lin.weight.to(torch.get_autocast_dtype(dev)) for lin in linears])
+    return torch.cat([lin.weight for lin in linears])
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases."""
 
@@ -78,15 +91,18 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = F.linear(x, stacked_weight(self.w1, self.w3)).chunk(2, -1)  # (..., hidden) each
+        return self.w2(F.silu(a) * b)
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, dy); see `tail` for the shapes."""
-        a, b = self.w1(x), self.w3(x)
+        w = stacked_weight(self.w1, self.w3)                            # (2 hidden, dim)
+        ab = F.linear(x, w)                                             # (B, ..., 2 hidden)
+        a, b = ab.chunk(2, -1)
         y = self.w2(F.silu(a) * b)
         with torch.no_grad():
-            da, db = F.linear(dx, self.w1.weight), F.linear(dx, self.w3.weight)
-            at, bt = tail(a, dx), tail(b, dx)
+            da, db = F.linear(dx, w).chunk(2, -1)                       # (Bt, ..., hidden) each
+            at, bt = tail(ab, dx).chunk(2, -1)
             sa, dsa = silu_jvp(at, da)
             return y, F.linear(dsa * bt + sa * db, self.w2.weight)
 
@@ -109,7 +125,10 @@ def attention_tail_tangent(q, k, v, dq, dk, dv, backend: str) -> tuple[torch.Ten
     n = q.shape[0] - dq.shape[0]
     o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=backend)
     if n:
-        o = torch.cat([attention(q[:n], k[:n], v[:n], backend=backend), o])
+        # Joined token-major (B, N, H, Dh), the fused kernels' layout, so that the caller's
+        # o.transpose(1, 2).reshape(B, N, C) stays a view.
+        plain = attention(q[:n], k[:n], v[:n], backend=backend)
+        o = torch.cat([plain.transpose(1, 2), o.transpose(1, 2)]).transpose(1, 2)
     return o, do
 
 

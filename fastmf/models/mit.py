@@ -17,7 +17,7 @@ from kernels import attention
 from fastmf.models.contract import Backbone, Conditions, PatchInput, Prediction, Spec, Tangent
 from fastmf.models.layers import (BottleneckPatchEmbed, attention_tail_tangent, LabelEmbedder, PatchEmbed, RMSNorm,
                                   ScalarEmbedder, SwiGLU, apply_rope, compute_dtype, patchify, rope_1d,
-                                  call_block, rope_axial, tail, unpatchify)
+                                  call_block, rope_axial, stacked_weight, tail, unpatchify)
 
 
 @dataclass
@@ -115,11 +115,13 @@ class RoPEAttention(nn.Module):
         self.q_norm = RMSNorm(hidden // num_heads)
         self.k_norm = RMSNorm(hidden // num_heads)
 
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)        # 3 x (B, N, H, Dh)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))             # (B, N, H, Dh)
-        k = self.k_proj(x).unflatten(-1, (self.num_heads, -1))             # (B, N, H, Dh)
-        v = self.v_proj(x).unflatten(-1, (self.num_heads, -1))             # (B, N, H, Dh)
+        w = stacked_weight(self.q_proj, self.k_proj, self.v_proj)           # (3C, C)
+        q, k, v = self._split(F.linear(x, w))                               # (B, N, H, Dh) each
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)               # (B, N, H, Dh)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)               # (B, N, H, Dh)
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -130,24 +132,20 @@ class RoPEAttention(nn.Module):
         """(out, d out) for tangent dx of the last len(dx) samples (layers.tail); RoPE is linear,
         so it rotates the tangents too."""
         B, N, C = x.shape
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))            # (B, N, H, Dh)
-        qkv = []
-        for proj, norm in ((self.q_proj, self.q_norm), (self.k_proj, self.k_norm), (self.v_proj, None)):
-            a = heads(proj(x))
-            with torch.no_grad():
-                da = heads(F.linear(dx, proj.weight))
-            if norm is not None:
-                a, da = norm.jvp(a, da)
-                a = apply_rope(a, cos, sin)
-                with torch.no_grad():
-                    da = apply_rope(da, cos, sin)
-            qkv.append((a, da))
-        dtype = qkv[2][0].dtype
-        # The tangents keep RoPE's compute dtype: attention_with_tangent scales them before its one
-        # cast to the kernel's dtype, so the softmax scale adds no rounding.
-        (q, dq), (k, dk), (v, dv) = [(a.to(dtype).transpose(1, 2), da.transpose(1, 2)) for a, da in qkv]
+        w = stacked_weight(self.q_proj, self.k_proj, self.v_proj)           # (3C, C)
+        q, k, v = self._split(F.linear(x, w))                               # (B, N, H, Dh) each
+        with torch.no_grad():
+            dq, dk, dv = self._split(F.linear(dx, w))                       # (Bt, N, H, Dh) each
+        q, dq = self.q_norm.jvp(q, dq)
+        k, dk = self.k_norm.jvp(k, dk)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        with torch.no_grad():
+            # The tangents keep RoPE's compute dtype: attention_with_tangent scales them before its
+            # one cast to the kernel's dtype, so the softmax scale adds no rounding.
+            dq, dk = apply_rope(dq, cos, sin), apply_rope(dk, cos, sin)
+        heads = lambda t: t.transpose(1, 2)                                  # (B, H, N, Dh)
         flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], N, C)
-        o, do = attention_tail_tangent(q, k, v, dq, dk, dv, self.attn_backend)         # (B | Bt, H, N, Dh)
+        o, do = attention_tail_tangent(*map(heads, (q, k, v, dq, dk, dv)), self.attn_backend)  # (B | Bt, H, N, Dh)
         out = self.out_proj(flat(o))
         with torch.no_grad():
             return out, F.linear(flat(do), self.out_proj.weight)
