@@ -433,8 +433,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             get their output tangent from the same kernel pass.
         scale: softmax scale.
     Returns:
-        o: (B, H, N, D) stored token-major (o.transpose(1, 2) is contiguous), in q's dtype. Differentiable by ordinary backward; its
-            tangent is not (stop-grad, as every MeanFlow loss uses it).
+        o: (B, H, N, D) stored token-major (o.transpose(1, 2) is contiguous), in q's dtype.
+            Differentiable by ordinary backward; its tangent is not (stop-grad, as every
+            MeanFlow loss uses it).
     """
     _check(q, k, v)
     q_t, k_t, v_t = (fwAD.unpack_dual(x).tangent for x in (q, k, v))     # (B, H, N, D) or None

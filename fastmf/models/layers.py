@@ -76,9 +76,9 @@ def stacked_weight(*linears: nn.Linear) -> torch.Tensor:
     once in the compute dtype (cat then cast writes an fp32 copy, then the cast)."""
     w = linears[0].weight
     dev = w.device.type
-    if torch.is_autocast_enabled(dev) and w.dtype != torch.float64:
-        return torch.cat([lin.weight.to(torch.get_autocast_dtype(dev)) for lin in linears])
-    return torch.cat([lin.weight for lin in linears])
+    cast = torch.is_autocast_enabled(dev) and w.dtype != torch.float64
+    dtype = torch.get_autocast_dtype(dev) if cast else w.dtype
+    return torch.cat([lin.weight.to(dtype) for lin in linears])
 
 
 class SwiGLU(nn.Module):
