@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the kernel file imports kernels.op_names
 KERNEL_FILE = "kernels/attention_triton.py"
 # kernel -> (autotune config list name, tangents)
 KERNELS = {"fwd+jvp": ("_QUERY_MAJOR", True), "fwd": ("_QUERY_MAJOR", False),

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmf.models import functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
 from jvp_throughput import add_model_args, build_model, case_plan  # noqa: E402
-from kernels import attention, attention_with_tangent  # noqa: E402
+from kernels import attention, attention_triton, attention_with_tangent  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
 # Dense bf16 peak TFLOP/s and HBM TB/s (SXM parts).
@@ -48,7 +48,7 @@ DEVICES = {"H100": (989.4, 3.35), "H200": (989.4, 4.8)}
 
 
 def attention_with_tangent_math(q, k, v, sdq, sdk, dv, scale):
-    """fastmf::flash_attention_with_tangent by kernels.attention's math: (O, lse, dO) for (scale dQ, scale dK, dV)."""
+    """The fused Triton op (attention_triton.WITH_TANGENT_OP) by kernels.attention's math: (O, lse, dO) for (scale dQ, scale dK, dV)."""
     o, do = attention_with_tangent(q, k, v, sdq / scale, sdk / scale, dv, scale=scale, backend="torch")
     lse = torch.logsumexp(scale * q.float() @ k.float().transpose(-2, -1), dim=-1)             # (B, H, N)
     return token_major(o), lse, token_major(do)
@@ -60,15 +60,15 @@ def token_major(t):
 
 
 def attention_backward_math(q, k, v, o, lse, grad_o, scale):
-    """fastmf::flash_attention_backward by kernels.attention's math backward."""
+    """attention_triton.BACKWARD_OP by kernels.attention's math backward."""
     with torch.enable_grad():
         qkv = [x.detach().requires_grad_() for x in (q, k, v)]
         return tuple(map(token_major, torch.autograd.grad(attention(*qkv, scale=scale, backend="torch"), qkv, grad_o)))
 
 
 def use_math_for_fused_attention_on_cpu():
-    torch.library.register_kernel("fastmf::flash_attention_with_tangent", "cpu", attention_with_tangent_math)
-    torch.library.register_kernel("fastmf::flash_attention_backward", "cpu", attention_backward_math)
+    torch.library.register_kernel(attention_triton.WITH_TANGENT_OP, "cpu", attention_with_tangent_math)
+    torch.library.register_kernel(attention_triton.BACKWARD_OP, "cpu", attention_backward_math)
 
 
 def kernel_group(node) -> str:

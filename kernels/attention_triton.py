@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch._functorch import eager_transforms
 
+from kernels.op_names import versioned_name
+
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -445,8 +447,13 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 # Custom ops, so torch.compile keeps the hand-written JVP pass in one graph: it sees the ops'
-# shapes (register_fake) and never traces the autotuned launches inside.
-@torch.library.custom_op("fastmf::flash_attention_with_tangent", mutates_args=())
+# shapes (register_fake) and never traces the autotuned launches inside. Named per version of this
+# file (kernels.op_names), so a warm compile cache never replays a graph planned for older fakes.
+WITH_TANGENT_OP = versioned_name("flash_attention_with_tangent", __file__)
+BACKWARD_OP = versioned_name("flash_attention_backward", __file__)
+
+
+@torch.library.custom_op(WITH_TANGENT_OP, mutates_args=())
 def _flash_with_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdq: torch.Tensor,
                            sdk: torch.Tensor, dv: torch.Tensor, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -459,7 +466,7 @@ def _(q, k, v, sdq, sdk, dv, scale):
     return _token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32), _token_major(q)
 
 
-@torch.library.custom_op("fastmf::flash_attention_backward", mutates_args=())
+@torch.library.custom_op(BACKWARD_OP, mutates_args=())
 def _flash_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, grad_o: torch.Tensor, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch.utils import flop_counter as fc
 
-import kernels.attention_triton  # noqa: F401  (defines torch.ops.fastmf.*)
+from kernels import attention_triton
+from kernels.op_names import packet
 
 
 def attention_flops(q_shape, k_shape, matmuls: int) -> int:
@@ -28,9 +29,9 @@ def _register(op, formula):
         fc.register_flop_formula(op)(formula)
 
 
-_register(torch.ops.fastmf.flash_attention_with_tangent,
+_register(packet(attention_triton.WITH_TANGENT_OP),
           lambda q, k, v, dq, dk, dv, scale, out_shape=None, **_: attention_flops(q, k, 6))
-_register(torch.ops.fastmf.flash_attention_backward,
+_register(packet(attention_triton.BACKWARD_OP),
           lambda q, k, v, o, lse, grad_o, scale, out_shape=None, **_: attention_flops(q, k, 5))
 _register(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
           lambda q, k, v, *args, out_shape=None, **kw: attention_flops(q, k, 2))

@@ -17,6 +17,8 @@ intermediate is written or kept for backward (CUDA, or CPU under TRITON_INTERPRE
 """
 import torch
 
+from kernels.op_names import versioned_name
+
 try:
     import triton
     import triton.language as tl
@@ -89,10 +91,15 @@ def _chunk(B: int, M: int) -> int:
 
 
 ####################################################################################################
-# Custom ops (Triton): opaque to torch.compile, so a compiled step keeps them in its graph
+# Custom ops (Triton): opaque to torch.compile, so a compiled step keeps them in its graph (named
+# per version of this file: kernels.op_names)
 ####################################################################################################
 
-@torch.library.custom_op("fastmf::sq_error_rows", mutates_args=())
+ROWS_OP = versioned_name("sq_error_rows", __file__)
+ROWS_BACKWARD_OP = versioned_name("sq_error_rows_backward", __file__)
+
+
+@torch.library.custom_op(ROWS_OP, mutates_args=())
 def _sq_error_rows(pred: torch.Tensor, target: torch.Tensor, tangent: torch.Tensor | None,
                    coef: torch.Tensor | None) -> torch.Tensor:
     """L_b = sum_j (pred + coef_b tangent - target)^2 per row of (B, M) views with unit column stride.
@@ -119,7 +126,7 @@ def _(pred, target, tangent, coef):
     return pred.new_empty(pred.shape[0], dtype=_acc_dtype(pred.dtype))
 
 
-@torch.library.custom_op("fastmf::sq_error_rows_backward", mutates_args=())
+@torch.library.custom_op(ROWS_BACKWARD_OP, mutates_args=())
 def _sq_error_rows_backward(pred: torch.Tensor, target: torch.Tensor, tangent: torch.Tensor | None,
                             coef: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
     """d(sum_b g_b L_b)/d pred = 2 g_b (pred + coef_b tangent - target): (B, M), contiguous."""

@@ -98,17 +98,18 @@ def test_outputs_are_token_major_and_fake_kernels_say_so(backward, monkeypatch):
     a view; the fake kernels torch.compile plans with must give the same strides as the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from kernels import attention_triton as at
+    from kernels.op_names import packet
 
     monkeypatch.setattr(at, "_backward_mode", backward)
     B, H, N, D = 2, 3, 19, 16
     q, k, v, dq, dk, dv, go = (randn((B, H, N, D), torch.float32, s) for s in range(7))
-    ops = torch.ops.fastmf
-    real = [*ops.flash_attention_with_tangent(q, k, v, dq, dk, dv, 0.25)]
-    real += ops.flash_attention_backward(q, k, v, real[0], real[1], go, 0.25)
+    with_tangent, backward_op = packet(at.WITH_TANGENT_OP), packet(at.BACKWARD_OP)
+    real = [*with_tangent(q, k, v, dq, dk, dv, 0.25)]
+    real += backward_op(q, k, v, real[0], real[1], go, 0.25)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fq, fk, fv, fdq, fdk, fdv, fgo = (mode.from_tensor(x) for x in (q, k, v, dq, dk, dv, go))
-        fake = [*ops.flash_attention_with_tangent(fq, fk, fv, fdq, fdk, fdv, 0.25)]
-        fake += ops.flash_attention_backward(fq, fk, fv, fake[0], fake[1], fgo, 0.25)
+        fake = [*with_tangent(fq, fk, fv, fdq, fdk, fdv, 0.25)]
+        fake += backward_op(fq, fk, fv, fake[0], fake[1], fgo, 0.25)
     assert [x.stride() for x in real] == [x.stride() for x in fake]
     for name, x in zip(["o", "do", "dq", "dk", "dv"], [real[0], *real[2:]]):
         assert x.transpose(1, 2).is_contiguous(), name
