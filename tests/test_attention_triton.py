@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastmf.models import build
-from kernels import attention, attention_with_tangent
+from kernels import attention, attention_triton, attention_with_tangent
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (output, tangent and gradient) tolerances; inputs are rounded to the dtype before the fp64
@@ -156,10 +156,55 @@ def test_nested_jvp_is_refused():
 
 @pytest.fixture
 def atomic_backward():
-    from kernels import attention_triton
     attention_triton.set_backward("atomic")
     yield attention_triton
     attention_triton.set_backward("two-pass")
+
+
+def use_tiles(monkeypatch, query_major, key_major):
+    """Make the autotuned kernels launch with exactly these (BLOCK_M, BLOCK_N) tiles (the
+    interpreter otherwise runs 32 x 32 only, so the GPU's tiles would first run on a device).
+    Returns a check that the launches used them."""
+    at = attention_triton
+    tiles = {at._attn_fwd: query_major, at._attn_bwd_dq: query_major, at._attn_bwd_dkdv: key_major}
+    for kernel, (m, n, *_) in tiles.items():
+        monkeypatch.setattr(kernel, "configs", [at.triton.Config({"BLOCK_M": m, "BLOCK_N": n})])
+
+    def launched(*kernels):
+        for kernel in kernels:
+            m, n, *_ = tiles[kernel]
+            assert kernel.best_config.kwargs == {"BLOCK_M": m, "BLOCK_N": n}
+    return launched
+
+
+def _tile_pairs():
+    """Each query-major tile beside a key-major one, every tile at least once, D = 64; and the
+    largest pair at D = 128."""
+    qm, km = attention_triton.QUERY_MAJOR_TILES, attention_triton.KEY_MAJOR_TILES
+    pairs = [(qm[i % len(qm)], km[i % len(km)], 64) for i in range(max(len(qm), len(km)))]
+    return [pytest.param(*p, id=f"fwd{p[0][0]}x{p[0][1]}-bwd{p[1][0]}x{p[1][1]}-d{p[2]}")
+            for p in pairs + [(qm[0], km[0], 128)]]
+
+
+# N = 205: ragged against every tile (whole key and query blocks, then a masked one).
+@pytest.mark.parametrize("query_major,key_major,D", _tile_pairs())
+def test_every_gpu_tile_matches_math_attention(query_major, key_major, D, monkeypatch):
+    launched = use_tiles(monkeypatch, query_major, key_major)
+    q, k, v, dq, dk, dv, go = (randn((1, 2, 205, D), torch.float32, seed) for seed in range(7))
+    check_against_reference(q, k, v, (dq, dk, dv), go)
+    at = attention_triton
+    launched(at._attn_fwd, at._attn_bwd_dkdv, at._attn_bwd_dq)
+
+
+@pytest.mark.parametrize("key_major", attention_triton.KEY_MAJOR_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_gpu_tile_of_the_atomic_dq_backward_matches(key_major, atomic_backward, monkeypatch):
+    launched = use_tiles(monkeypatch, (32, 32), key_major)
+    q, k, v, go = (randn((2, 1, 205, 64), torch.float32, seed) for seed in range(4))
+    _, _, grads_ref = reference(q, k, v, (q, k, v), go)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    for g, g_ref in zip(torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), go), grads_ref):
+        assert_close(g, g_ref, TOL[torch.float32][1])
+    launched(attention_triton._attn_bwd_dkdv)
 
 
 BF16_ON_CUDA = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
