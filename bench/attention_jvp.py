@@ -157,6 +157,13 @@ def main(args: Args) -> dict:
     print(f"device: {device_name}; (B, H, D) = ({args.batch}, {args.heads}, {args.head_dim}), "
           f"{args.dtype}; cells: median ms (peak MiB)")
     rows = []
+    report = {
+        "bench": "attention_jvp",
+        "device": device_name,
+        "torch": torch.__version__,
+        "shape": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim},
+        "dtype": args.dtype, "reps": args.reps, "rows": rows,
+    }
     for n in args.seq_lens:
         gen = torch.Generator().manual_seed(n)
         shape = (args.batch, args.heads, n, args.head_dim)
@@ -198,18 +205,10 @@ def main(args: Args) -> dict:
                   for c, m in matmuls.items() if isinstance(results.get(c), dict)}
         rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops})
         _print_row(rows[-1], header=len(rows) == 1)
+        if args.out:  # after every row: a run cut short by a time limit keeps the rows it finished
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
         del q, k, v, tq, tk, tv, grad_o, inputs
-
-    report = {
-        "bench": "attention_jvp",
-        "device": device_name,
-        "torch": torch.__version__,
-        "shape": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim},
-        "dtype": args.dtype, "reps": args.reps, "rows": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
     return report
 
 

@@ -5,12 +5,16 @@
 
 Each line `bench/X.py ARGS` or `-m bench.X ARGS` runs its script in this process until its argparse
 or tyro parser has read ARGS, then stops: a wrong flag or value fails here in seconds instead of
-on a device. `-c ...`, `-m pytest ...` and scripts that parse no arguments are listed as not checked.
-Exit status 1 if any command's arguments are refused.
+on a device. `-m pytest ARGS` collects (without running) what ARGS select, in a subprocess, and is
+refused if that is nothing (a -k expression that matches no test); pytest-xdist's `-n N` is left
+out there (the device image has xdist, this machine need not). `-c ...` and scripts that parse no
+arguments are listed as not checked. Exit status 1 if any command is refused.
 """
 import argparse
+import re
 import runpy
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,9 +36,29 @@ def _stop_after_parsing():
     tyro.cli = lambda *a, **kw: (_ for _ in ()).throw(Parsed(cli(*a, **kw)))
 
 
+def check_pytest(args: list[str]) -> str:
+    """'ok (N tests)' or 'refused ...' for pytest ARGS, by collecting what they select."""
+    kept, rest = [], iter(args)
+    for a in rest:
+        if a == "-n":
+            next(rest, None)  # and its worker count
+        elif a not in ("-v", "-x", "-q", "-rA"):
+            kept.append(a)
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *kept], cwd=ROOT,
+                       capture_output=True, text=True)
+    counts = re.findall(r"(\d+)(?:/\d+)? tests? collected|^[^:\s]+\.py: (\d+)$", r.stdout, re.M)
+    n = sum(int(a or b) for a, b in counts)
+    if r.returncode not in (0, 5) or n == 0:
+        last = (r.stdout.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        return f"refused (selects no test: {last[:100]})"
+    return f"ok ({n} tests)"
+
+
 def check(argv: list[str]) -> str:
-    """'ok', 'not checked: ...' or 'refused: ...' for one `python3` argument list."""
-    if argv[:1] == ["-c"] or argv[:2] == ["-m", "pytest"]:
+    """'ok', 'not checked: ...' or 'refused ...' for one `python3` argument list."""
+    if argv[:2] == ["-m", "pytest"]:
+        return check_pytest(argv[2:])
+    if argv[:1] == ["-c"]:
         return "not checked: not a bench script"
     module = argv[0] == "-m"
     target, args = (argv[1], argv[2:]) if module else (argv[0], argv[1:])
@@ -62,7 +86,7 @@ def main():
     for argv in lines:
         verdict = check(argv)
         refused += verdict.startswith("refused")
-        print(f"ok: {shlex.join(argv)}" if verdict == "ok" else f"{verdict}: {shlex.join(argv)}")
+        print(f"{verdict}: {shlex.join(argv)}")
     print(f"{len(lines)} commands: {refused} refused")
     sys.exit(1 if refused else 0)
 

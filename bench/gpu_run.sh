@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU session: correctness on CUDA first, then the benchmarks, in stages.
-#   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 420 s at most
+#   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 450 s at most
 #   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
 #   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 #   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
@@ -41,8 +41,13 @@ for stage in $STAGES; do
   case $stage in
     check)
       timeout 150 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
-      # bf16 kernel tests (the CPU interpreter cannot check bf16) and the atomic-dQ backward on CUDA
-      timeout 90 python3 -m pytest -x -q -rA -p no:cacheprovider tests/test_attention_triton.py -k "bf16 or atomic" 2>&1 \
+      # The kernels in bf16 (the CPU interpreter cannot check bf16), the atomic-dQ backward, and every
+      # autotune tile at the attention stage's head dims, on CUDA. About 200 Triton compiles of 1-3
+      # seconds each (one core each): in 12 processes (pytest-xdist, in the device image), and they
+      # leave in Triton's cache the bf16 binaries that the attention stage times. -v: a line per test
+      # as it ends, so a run cut by its timeout still shows what passed.
+      XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+      timeout 120 python3 -m pytest $XDIST -v -p no:cacheprovider tests/test_attention_triton.py -k "bf16 or gpu_tile" 2>&1 \
           | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;
     2d)
       timeout 330 python3 bench/jvp_throughput.py $B2D --steps 10 --warmup 3 --compile \

@@ -6,7 +6,8 @@
 Triton compiles each kernel for sm_90 (H100 / H200) on the CPU: its bundled ptxas needs no
 device. cuobjdump then gives the SASS, whose main loop (the backward branch around the most
 tensor-core instructions: one key or query block) is counted by opcode, with the registers per
-thread and the stack (spilled registers) per kernel. A static measure, not a time: fewer
+thread, the stack (spilled registers) and the shared memory per kernel (a tile needing more than
+sm_90's 227 KiB cannot launch: the autotuner skips it). A static measure, not a time: fewer
 instructions per block means less ALU / MUFU work beside the tensor cores (HGMMA), which the
 flash loop is bound by at these head dims; a spill means local-memory traffic. One tile config
 per row (the autotuner's candidates; which it picks needs a GPU). JSON goes to --out.
@@ -123,7 +124,8 @@ def count(path: Path, kernels: list[str], head_dims: list[int]) -> list[dict]:
                 compiled = compile_kernel(mod, kernel, d, cfg)
                 rows.append({"kernel": kernel, "head_dim": d, "block_m": cfg.kwargs["BLOCK_M"],
                              "block_n": cfg.kwargs["BLOCK_N"], "warps": cfg.num_warps, "stages": cfg.num_stages,
-                             **(sass_stats(compiled.asm["cubin"]) if compiled else {})})  # {}: not in this version
+                             **({"shared_memory_bytes": compiled.metadata.shared, **sass_stats(compiled.asm["cubin"])}
+                                if compiled else {})})  # {}: not in this version
     return rows
 
 
@@ -159,9 +161,10 @@ def main():
             sys.exit(f"counting {v} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
         counted[v] = json.loads(out.read_text())
     print("| kernel | D | BLOCK_M x BLOCK_N, warps, stages | "
-          + " | ".join(f"{v}: loop instructions (regs, spill bytes)" for v in versions)
+          + " | ".join(f"{v}: loop instructions (regs, spill bytes, shared KiB)" for v in versions)
           + " |\n|---|---|---|" + "---|" * len(versions))
-    stat_keys = ("loop_instructions", "registers", "spill_stack_bytes", "tensor_core", "exp2", "fp32_alu", "by_op")
+    stat_keys = ("loop_instructions", "registers", "spill_stack_bytes", "shared_memory_bytes", "tensor_core", "exp2",
+                 "fp32_alu", "by_op")
     config = lambda r: tuple(r[k] for k in ("kernel", "head_dim", "block_m", "block_n", "warps", "stages"))
     by_config = {v: {config(r): r for r in counted[v]} for v in versions}  # versions may tune other tiles
     rows = []
@@ -171,8 +174,8 @@ def main():
             other = by_config[v].get(config(base), {})
             row[v] = {k: other[k] for k in stat_keys if k in other}
         rows.append(row)
-        cells = " | ".join(f"{row[v]['loop_instructions']} ({row[v]['registers']}, {row[v]['spill_stack_bytes']})"
-                           if row[v] else "-" for v in versions)
+        cells = " | ".join(f"{row[v]['loop_instructions']} ({row[v]['registers']}, {row[v]['spill_stack_bytes']}, "
+                           f"{row[v].get('shared_memory_bytes', 0) / 1024:.0f})" if row[v] else "-" for v in versions)
         print(f"| {row['kernel']} | {row['head_dim']} | {row['block_m']} x {row['block_n']}, {row['warps']}, "
               f"{row['stages']} | {cells} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

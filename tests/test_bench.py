@@ -41,7 +41,8 @@ def test_fid_throughput_times_every_stage(tmp_path):
 
 def test_kernel_sass_counts_each_kernels_main_loop(tmp_path):
     """Compiled for sm_90 on the CPU: the fused forward+JVP loop issues 3x the tensor-core
-    instructions of the primal forward's (6 block matmuls against 2), per tile config."""
+    instructions of the primal forward's (6 block matmuls against 2), and needs more shared memory,
+    per tile config."""
     out = tmp_path / "sass.json"
     subprocess.run([sys.executable, str(ROOT / "bench/kernel_sass.py"), "--kernels", "fwd+jvp,fwd", "--head-dims", "64",
                     "--out", str(out)], check=True, capture_output=True, timeout=600)
@@ -54,6 +55,8 @@ def test_kernel_sass_counts_each_kernels_main_loop(tmp_path):
         assert primal["tensor_core"] > 0 and jvp["tensor_core"] == 3 * primal["tensor_core"]
         assert primal["exp2"] >= key[1] * key[2] / (32 * key[3])  # one exp2 per score, spread over the threads
         assert jvp["loop_instructions"] > primal["loop_instructions"] and jvp["registers"] <= 255
+        # the fused loop also stages the tangents' K and V tiles in shared memory
+        assert jvp["shared_memory_bytes"] > primal["shared_memory_bytes"] > 0
     bad = subprocess.run([sys.executable, str(ROOT / "bench/kernel_sass.py"), "--baseline", "no-such-rev"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no-such-rev" in bad.stderr and "Traceback" not in bad.stderr
@@ -93,8 +96,10 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
     assert "unknown stage" not in r.stdout and ": 0 refused" in r.stdout
     checked = [line for line in r.stdout.splitlines() if line.startswith("ok: ")]
     assert len(checked) >= len(stages) and all(f"--out {tmp_path}" in line for line in checked)
+    assert re.search(r"^ok \(\d+ tests\): -m pytest", r.stdout, re.M)  # the check stage's kernel tests select some
     bad = tmp_path / "bad.txt"
-    bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n")
+    bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n"
+                   "-m pytest -n 4 tests/test_attention_triton.py -k no_such_test\n")
     r = subprocess.run([sys.executable, str(ROOT / "bench/check_commands.py"), str(bad)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "2 commands: 2 refused" in r.stdout, r.stdout
+    assert r.returncode == 1 and "3 commands: 3 refused" in r.stdout, r.stdout
