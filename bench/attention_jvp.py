@@ -23,12 +23,11 @@ matmuls, forward+tangent 6, backward 5, whatever a kernel recomputes).
 Ratios are taken within this run only. Without CUDA the script runs one tiny configuration in
 the Triton interpreter to check itself; its timings mean nothing.
 """
-import dataclasses
+import argparse
 import json
 import os
 import statistics
 import time
-from typing import Literal
 
 import torch
 
@@ -36,7 +35,6 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-import tyro  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels import attention  # noqa: E402
@@ -46,17 +44,18 @@ from kernels.flops import attention_flops  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclasses.dataclass
-class Args:
-    seq_lens: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
-    batch: int = 4
-    heads: int = 12
-    head_dim: int = 64
-    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
-    reps: int = 10
-    """Timed calls per case (after 2 warm-up calls, which include Triton autotuning)."""
-    out: str | None = None
-    """Also write the results as JSON here."""
+def parse_args(argv=None) -> argparse.Namespace:
+    # argparse, not tyro: the device image this runs on has no tyro
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--reps", type=int, default=10,
+                   help="timed calls per case (after 2 warm-up calls, which include Triton autotuning)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p.parse_args(argv)
 
 
 def math_attention(q, k, v):
@@ -145,13 +144,13 @@ def _ratio(results: dict, num: str, den: str):
     return None
 
 
-def main(args: Args) -> dict:
+def main(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda:
         print("bench.attention_jvp: no CUDA, so one tiny fp32 sanity case runs in the Triton "
               "interpreter; its timings are meaningless")
-        args = dataclasses.replace(args, seq_lens=(40,), batch=1, heads=2, head_dim=16, dtype="fp32",
-                                   reps=1)
+        args = argparse.Namespace(**{**vars(args), "seq_lens": [40], "batch": 1, "heads": 2, "head_dim": 16,
+                                     "dtype": "fp32", "reps": 1})
     device, dtype = ("cuda" if cuda else "cpu"), DTYPES[args.dtype]
     device_name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"device: {device_name}; (B, H, D) = ({args.batch}, {args.heads}, {args.head_dim}), "
@@ -236,4 +235,4 @@ def _print_row(row: dict, header: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

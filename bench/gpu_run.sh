@@ -42,10 +42,10 @@ for stage in $STAGES; do
     check)
       timeout 150 python3 bench/gpu_check.py 2>&1 | tail -20 | tee "$OUT/gpu_check.log"
       # The kernels in bf16 (the CPU interpreter cannot check bf16), the atomic-dQ backward, and every
-      # autotune tile at the attention stage's head dims, on CUDA. About 200 Triton compiles of 1-3
-      # seconds each (one core each): in 12 processes (pytest-xdist, in the device image), and they
-      # leave in Triton's cache the bf16 binaries that the attention stage times. -v: a line per test
-      # as it ends, so a run cut by its timeout still shows what passed.
+      # autotune tile at the attention stage's head dims, on CUDA. About 220 Triton compiles of 1-3
+      # seconds each (one core each): in 12 processes (pytest-xdist, in the device image); they
+      # leave in Triton's cache the bf16 binaries that the attention and model stages launch.
+      # -v: a line per test as it ends, so a run cut by its timeout still shows what passed.
       XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
       timeout 120 python3 -m pytest $XDIST -v -p no:cacheprovider tests/test_attention_triton.py -k "bf16 or gpu_tile" 2>&1 \
           | grep "PASSED\|FAILED\|ERROR\|passed\|failed" | tee "$OUT/bf16_tests.log" ;;

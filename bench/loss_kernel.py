@@ -9,34 +9,32 @@ Reported per backend: first-call time (Triton JIT, allocator warm-up) apart from
 latency (median synchronised step, CPU launch work included); on CUDA, device time (median
 CUDA-graph replay), the effective bandwidth over the minimum bytes, and the peak extra memory.
 """
-import dataclasses
+import argparse
 import json
 import statistics
 import time
-from typing import Literal
 
 import torch
-import tyro
 
 from kernels.loss import adaptive_sq_loss
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclasses.dataclass
-class Args:
-    shape: tuple[int, ...] = (256, 4, 32, 32)
-    """(B, C, H, W) or (B, C, D, H, W)."""
-    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    tangent: bool = True
-    """u-term with a tangent (3 input streams) rather than the v-term (2)."""
-    p: float = 1.0
-    eps: float = 0.01
-    warmup: int = 5
-    iters: int = 50
-    out: str | None = None
-    """Also write the results as JSON here."""
+def parse_args(argv=None) -> argparse.Namespace:
+    # argparse, not tyro: the device image this runs on has no tyro
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs="+", default=[256, 4, 32, 32], help="(B, C, H, W) or (B, C, D, H, W)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tangent", action=argparse.BooleanOptionalAction, default=True,
+                   help="u-term with a tangent (3 input streams) rather than the v-term (2)")
+    p.add_argument("--p", type=float, default=1.0)
+    p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p.parse_args(argv)
 
 
 def _sync(device: torch.device) -> None:
@@ -67,7 +65,7 @@ def _graph_ms(step, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_backend(args: Args, backend: str, inputs) -> dict:
+def bench_backend(args: argparse.Namespace, backend: str, inputs) -> dict:
     pred, target, tangent, coef = inputs
     device = pred.device
 
@@ -110,7 +108,7 @@ def bench_backend(args: Args, backend: str, inputs) -> dict:
     return result | {"_grad": grad}
 
 
-def main(args: Args) -> dict:
+def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
@@ -153,4 +151,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -179,30 +179,35 @@ def use_tiles(monkeypatch, query_major, key_major):
     return launched
 
 
-# On CUDA the tile tests run in bf16 at the attention benchmark's head dims and a sequence length
-# divisible by 16, as its N are: Triton specialises a kernel on that divisibility, so these tests
-# (run in parallel by gpu_run.sh) compile the very binaries the benchmark then times. In the
-# interpreter: fp32, every tile at D = 64 and the largest at D = 128 (each case costs seconds there).
-TILE_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-TILE_N = 208  # 128 + 80: ragged against every tile (whole key and query blocks, then a masked one)
+# On CUDA the tile tests run in bf16 at the head dims and the kind of sequence length the GPU runs
+# use: Triton specialises a kernel on whether an int argument such as N is divisible by 16, so N =
+# 208 compiles the binaries that the attention benchmark (N = 4096 ...) times and, at D = 64, N = 205
+# those of the models' steps (276 or 13,844 tokens); gpu_run.sh runs these tests in parallel first,
+# which fills Triton's cache for those stages. In the interpreter: fp32, N = 208, every tile at
+# D = 64 and the largest at D = 128 (each case costs seconds there). Both N are ragged against every
+# tile (whole key and query blocks, then a masked one).
+CUDA = DEVICE == "cuda"
+TILE_DTYPE = torch.bfloat16 if CUDA else torch.float32
+TILE_CASES = {64: (205, 208) if CUDA else (208,), 128: (208,)}  # head dim -> sequence lengths
 
 
 def _tile_id(tile):
-    return f"{tile[0]}x{tile[1]}"
+    m, n, _, stages = tile
+    return f"{m}x{n}s{stages}"
 
 
 def _tile_pairs():
-    """Each query-major tile beside a key-major one, every tile at least once, at D = 64 and 128."""
+    """Each query-major tile beside a key-major one, every tile at least once, per (D, N)."""
     qm, km = attention_triton.QUERY_MAJOR_TILES, attention_triton.KEY_MAJOR_TILES
     pairs = [(qm[i % len(qm)], km[i % len(km)]) for i in range(max(len(qm), len(km)))]
-    cases = [(*p, 64) for p in pairs] + [(*p, 128) for p in (pairs if DEVICE == "cuda" else pairs[:1])]
-    return [pytest.param(*c, id=f"fwd{_tile_id(c[0])}-bwd{_tile_id(c[1])}-d{c[2]}") for c in cases]
+    return [pytest.param(a, b, d, n, id=f"fwd{_tile_id(a)}-bwd{_tile_id(b)}-d{d}-n{n}")
+            for d, ns in TILE_CASES.items() for n in ns for a, b in (pairs if CUDA or d == 64 else pairs[:1])]
 
 
 def _atomic_tiles():
-    """Every key-major tile at D = 64, and on CUDA at 128 too."""
-    head_dims = (64, 128) if DEVICE == "cuda" else (64,)
-    return [pytest.param(t, d, id=f"{_tile_id(t)}-d{d}") for d in head_dims for t in attention_triton.KEY_MAJOR_TILES]
+    """Every key-major tile per (D, N); D = 64 only in the interpreter."""
+    return [pytest.param(t, d, n, id=f"{_tile_id(t)}-d{d}-n{n}") for d, ns in TILE_CASES.items()
+            if CUDA or d == 64 for n in ns for t in attention_triton.KEY_MAJOR_TILES]
 
 
 def skip_if_it_cannot_launch(check):
@@ -214,19 +219,19 @@ def skip_if_it_cannot_launch(check):
         pytest.skip(f"this tile cannot launch on this GPU, and the autotuner skips it: {e}")
 
 
-@pytest.mark.parametrize("query_major,key_major,D", _tile_pairs())
-def test_every_gpu_tile_matches_math_attention(query_major, key_major, D, monkeypatch):
+@pytest.mark.parametrize("query_major,key_major,D,N", _tile_pairs())
+def test_every_gpu_tile_matches_math_attention(query_major, key_major, D, N, monkeypatch):
     launched = use_tiles(monkeypatch, query_major, key_major)
-    q, k, v, dq, dk, dv, go = (randn((1, 2, TILE_N, D), TILE_DTYPE, seed) for seed in range(7))
+    q, k, v, dq, dk, dv, go = (randn((1, 2, N, D), TILE_DTYPE, seed) for seed in range(7))
     skip_if_it_cannot_launch(lambda: check_against_reference(q, k, v, (dq, dk, dv), go))
     at = attention_triton
     launched(at._attn_fwd, at._attn_bwd_dkdv, at._attn_bwd_dq)
 
 
-@pytest.mark.parametrize("key_major,D", _atomic_tiles())
-def test_every_gpu_tile_of_the_atomic_dq_backward_matches(key_major, D, atomic_backward, monkeypatch):
+@pytest.mark.parametrize("key_major,D,N", _atomic_tiles())
+def test_every_gpu_tile_of_the_atomic_dq_backward_matches(key_major, D, N, atomic_backward, monkeypatch):
     launched = use_tiles(monkeypatch, attention_triton.QUERY_MAJOR_TILES[-1], key_major)
-    q, k, v, go = (randn((2, 1, TILE_N, D), TILE_DTYPE, seed) for seed in range(4))
+    q, k, v, go = (randn((2, 1, N, D), TILE_DTYPE, seed) for seed in range(4))
     _, _, grads_ref = reference(q, k, v, (q, k, v), go)
     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
 

@@ -99,7 +99,9 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
     assert re.search(r"^ok \(\d+ tests\): -m pytest", r.stdout, re.M)  # the check stage's kernel tests select some
     bad = tmp_path / "bad.txt"
     bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n"
-                   "-m pytest -n 4 tests/test_attention_triton.py -k no_such_test\n")
+                   "-m pytest -n 4 tests/test_attention_triton.py -k no_such_test\n"
+                   "train.py --steps 1\n")  # imports tyro, which the device image lacks
     r = subprocess.run([sys.executable, str(ROOT / "bench/check_commands.py"), str(bad)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "3 commands: 3 refused" in r.stdout, r.stdout
+    assert r.returncode == 1 and "4 commands: 4 refused" in r.stdout, r.stdout
+    assert "refused (imports tyro, which the device image lacks): train.py" in r.stdout
