@@ -20,6 +20,8 @@ Times are medians of CUDA-event-timed calls; memory is the peak allocated on top
 (for bwd: on top of inputs + forward outputs/graph). A case that runs out of memory is "OOM".
 TFLOP/s count matmul FLOPs as kernels/flops.py does (PyTorch's SDPA convention: forward 2
 matmuls, forward+tangent 6, backward 5, whatever a kernel recomputes).
+Each row also names the tile (BLOCK_M x BLOCK_N, warps, stages) the autotuner chose per Triton
+kernel, to set beside bench/kernel_sass.py's instruction counts per tile.
 Ratios are taken within this run only. Without CUDA the script runs one tiny configuration in
 the Triton interpreter to check itself; its timings mean nothing.
 """
@@ -38,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels import attention  # noqa: E402
+from kernels import attention_triton  # noqa: E402
 from kernels.attention_triton import _flash_forward, set_backward  # noqa: E402
 from kernels.flops import attention_flops  # noqa: E402
 
@@ -137,6 +140,14 @@ def _case(name: str, fwd, jvp: bool, inputs, reps: int, backward: bool = True) -
     return results
 
 
+def _chosen_tile(kernel) -> str | None:
+    """The autotuner's choice at its last launch, as "M x N, warps w, stages s" (None before any)."""
+    c = getattr(kernel, "best_config", None)
+    if c is None:
+        return None
+    return f"{c.kwargs['BLOCK_M']} x {c.kwargs['BLOCK_N']}, warps {c.num_warps}, stages {c.num_stages}"
+
+
 def _ratio(results: dict, num: str, den: str):
     a, b = results.get(num), results.get(den)
     if isinstance(a, dict) and isinstance(b, dict):
@@ -172,12 +183,17 @@ def main(args: argparse.Namespace) -> dict:
             x.requires_grad_(True)
         inputs = (q, k, v, tq, tk, tv, grad_o)
         # triton's backward is timed once, after the jvp (the MeanFlow pattern)
+        at = attention_triton
         results = _case("triton", triton_attention, False, inputs, args.reps, backward=False)
+        tiles = {"fwd": _chosen_tile(at._attn_fwd)}
         results |= _case("triton", triton_attention, True, inputs, args.reps)
+        tiles |= {"fwd+jvp": _chosen_tile(at._attn_fwd), "bwd dk dv": _chosen_tile(at._attn_bwd_dkdv),
+                  "bwd dq": _chosen_tile(at._attn_bwd_dq)}
         set_backward("atomic")
         try:
             results |= {f"{c} atomic": r for c, r in _case("triton", triton_attention, True, inputs, args.reps).items()
                         if c.endswith("bwd")}
+            tiles["bwd dk dv + atomic dq"] = _chosen_tile(at._attn_bwd_dkdv)
         finally:
             set_backward("two-pass")
         with torch.no_grad():  # random tangents stand for the scaled ones the launch takes
@@ -202,7 +218,7 @@ def main(args: argparse.Namespace) -> dict:
                    "sdpa fwd": 2, "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
         tflops = {c: round(attention_flops(shape, shape, m) / results[c]["ms"] / 1e9, 1)
                   for c, m in matmuls.items() if isinstance(results.get(c), dict)}
-        rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops})
+        rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops, "tiles": tiles})
         _print_row(rows[-1], header=len(rows) == 1)
         if args.out:  # after every row: a run cut short by a time limit keeps the rows it finished
             with open(args.out, "w") as f:
@@ -232,6 +248,7 @@ def _print_row(row: dict, header: bool) -> None:
           + " | " + " | ".join(f"{'-' if row['ratios'][r] is None else row['ratios'][r]:>{len(r)}}"
                                for r in RATIOS))
     print(f"{'':>6} TFLOP/s: " + ", ".join(f"{c} {t}" for c, t in row["tflops"].items()))
+    print(f"{'':>6} tiles: " + "; ".join(f"{k} {t}" for k, t in row["tiles"].items()))
 
 
 if __name__ == "__main__":

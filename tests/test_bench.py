@@ -69,6 +69,8 @@ def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]  # without CUDA: one tiny interpreter case
     assert {"triton fwd", "triton fwd+jvp", "kernel fwd+jvp", "triton bwd", "triton bwd atomic"} <= set(row["tflops"])
     assert row["results"]["kernel fwd+jvp"]["ms"] > 0
+    assert set(row["tiles"]) == {"fwd", "fwd+jvp", "bwd dk dv", "bwd dq", "bwd dk dv + atomic dq"}
+    assert all(re.fullmatch(r"\d+ x \d+, warps \d+, stages \d+", t) for t in row["tiles"].values()), row["tiles"]
 
 
 def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
