@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU session: correctness on CUDA first, then the benchmarks, in stages.
 #   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 450 s at most
-#   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: 530 s at most
+#   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: what is left (about 300 s:
+#       mfu-b, then 3dcompiled as far as it gets; their timeouts add to 530 s)
 #   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 #   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
 #       every stage's commands are listed in $OUT/commands.txt instead of run, and bench/check_commands.py
