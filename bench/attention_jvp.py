@@ -9,6 +9,8 @@ Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a t
   triton bwd      backward of the jvp's primal output (flash backward from the saved LSE)
   triton bwd atomic  the same with set_backward("atomic"): dQ added by fp32 atomics inside the
                   dK/dV kernel (5 matmuls per block pair instead of two kernels' 7)
+  triton fwd+jvp lazy  the same with set_rescale("lazy"): accumulators rescaled only when a row
+                  max grows by more than 2^8
   kernel fwd+jvp  the fused forward+tangent launch alone (what the train step's custom op runs,
                   without torch.func.jvp around it)
   math fwd+jvp    softmax(s Q K^T) V as plain ops under torch.func.jvp (N x N tensors)
@@ -41,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels import attention  # noqa: E402
 from kernels import attention_triton  # noqa: E402
-from kernels.attention_triton import _flash_forward, set_backward  # noqa: E402
+from kernels.attention_triton import _flash_forward, set_backward, set_rescale  # noqa: E402
 from kernels.flops import attention_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -196,6 +198,13 @@ def main(args: argparse.Namespace) -> dict:
             tiles["bwd dk dv + atomic dq"] = _chosen_tile(at._attn_bwd_dkdv)
         finally:
             set_backward("two-pass")
+        set_rescale("lazy")
+        try:
+            results |= {f"{c} lazy": r for c, r in _case("triton", triton_attention, True, inputs, args.reps,
+                                                         backward=False).items()}
+            tiles["fwd+jvp lazy"] = _chosen_tile(at._attn_fwd)
+        finally:
+            set_rescale("always")
         with torch.no_grad():  # random tangents stand for the scaled ones the launch takes
             results["kernel fwd+jvp"] = _measure(lambda: _flash_forward(q, k, v, tq, tk, tv, args.head_dim ** -0.5),
                                                  args.reps)
@@ -213,9 +222,10 @@ def main(args: argparse.Namespace) -> dict:
             "triton bwd / cudnn bwd": _ratio(results, "triton bwd", "cudnn bwd"),
             "triton bwd atomic / cudnn bwd": _ratio(results, "triton bwd atomic", "cudnn bwd"),
             "triton bwd atomic / triton bwd": _ratio(results, "triton bwd atomic", "triton bwd"),
+            "triton fwd+jvp lazy / triton fwd+jvp": _ratio(results, "triton fwd+jvp lazy", "triton fwd+jvp"),
         }
-        matmuls = {"triton fwd": 2, "kernel fwd+jvp": 6, "triton fwd+jvp": 6, "triton bwd": 5, "triton bwd atomic": 5,
-                   "sdpa fwd": 2, "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
+        matmuls = {"triton fwd": 2, "kernel fwd+jvp": 6, "triton fwd+jvp": 6, "triton fwd+jvp lazy": 6, "triton bwd": 5,
+                   "triton bwd atomic": 5, "sdpa fwd": 2, "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
         tflops = {c: round(attention_flops(shape, shape, m) / results[c]["ms"] / 1e9, 1)
                   for c, m in matmuls.items() if isinstance(results.get(c), dict)}
         rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops, "tiles": tiles})
@@ -227,11 +237,12 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-COLUMNS = ["triton fwd", "triton fwd+jvp", "kernel fwd+jvp", "triton bwd", "triton bwd atomic", "math fwd+jvp", "math bwd", "sdpa fwd",
-           "sdpa bwd", "cudnn fwd", "cudnn bwd"]
+COLUMNS = ["triton fwd", "triton fwd+jvp", "triton fwd+jvp lazy", "kernel fwd+jvp", "triton bwd", "triton bwd atomic",
+           "math fwd+jvp", "math bwd", "sdpa fwd", "sdpa bwd", "cudnn fwd", "cudnn bwd"]
 RATIOS = ["math/triton fwd+jvp", "math/triton bwd", "triton fwd+jvp / sdpa fwd",
           "triton fwd / sdpa fwd", "triton bwd / sdpa bwd", "triton fwd+jvp / cudnn fwd",
-          "triton bwd / cudnn bwd", "triton bwd atomic / cudnn bwd", "triton bwd atomic / triton bwd"]
+          "triton bwd / cudnn bwd", "triton bwd atomic / cudnn bwd", "triton bwd atomic / triton bwd",
+          "triton fwd+jvp lazy / triton fwd+jvp"]
 
 
 def _print_row(row: dict, header: bool) -> None:

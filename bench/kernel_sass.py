@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # the kernel file imports kernels.op_names
 KERNEL_FILE = "kernels/attention_triton.py"
 # kernel -> (autotune config list name, tangents)
 KERNELS = {"fwd+jvp": ("_QUERY_MAJOR", True), "fwd": ("_QUERY_MAJOR", False),
+           "fwd+jvp lazy": ("_QUERY_MAJOR", True),  # set_rescale("lazy")
            "bwd dq": ("_QUERY_MAJOR", None), "bwd dk dv": ("_KEY_MAJOR", None),
            "bwd dk dv + atomic dq": ("_KEY_MAJOR", None)}  # set_backward("atomic"): no "bwd dq" kernel
 
@@ -76,8 +77,13 @@ def compile_kernel(mod, kernel: str, head_dim: int, cfg):
                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
     if kernel.startswith("fwd"):
         t = KERNELS[kernel][1]
+        lazy = {}
+        if kernel.endswith("lazy"):
+            if "LAZY_RESCALE" not in mod._attn_fwd.fn.arg_names:  # before set_rescale
+                return None
+            lazy = {"LAZY_RESCALE": True}
         return mod._attn_fwd.fn.warmup(x, x, x, x, x, x, x, x, lse, st, st, st, st, st, st, st, st, 1, 8192, 0.125,
-                                       TANGENT_Q=t, TANGENT_K=t, TANGENT_V=t, **meta)
+                                       TANGENT_Q=t, TANGENT_K=t, TANGENT_V=t, **lazy, **meta)
     if kernel == "bwd dq":
         return mod._attn_bwd_dq.fn.warmup(x, x, x, x, lse, lse, x, st, st, st, st, st, 1, 8192, 0.125, **meta)
     if "ATOMIC_DQ" not in mod._attn_bwd_dkdv.fn.arg_names:  # before the atomic dQ option
@@ -99,14 +105,19 @@ def sass_stats(cubin: bytes) -> dict:
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     pred = r"(?:@!?U?P\w+\s+)?"
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"([A-Z][A-Z0-9_.]*)", sass)]
-    loop = []
-    for src, dst in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"BRA\s+0x([0-9a-f]+)", sass):
-        src, dst = int(src, 16), int(dst, 16)
+    branches = [(int(a, 16), int(b, 16)) for a, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"BRA\s+0x([0-9a-f]+)", sass)]
+    loop, span = [], (0, 0)
+    for src, dst in branches:
         body = [op for a, op in ins if dst <= a <= src] if dst < src else []
         if sum(op.startswith(("HGMMA", "HMMA")) for op in body) > sum(op.startswith(("HGMMA", "HMMA")) for op in loop):
-            loop = body
+            loop, span = body, (dst, src)
+    # Forward branches inside the loop skip code that not every iteration runs (set_rescale("lazy")'s
+    # rescale): the common path is the loop without it.
+    skips = [(a, b) for a, b in branches if span[0] <= a < b <= span[1]]
+    skipped = sum(1 for a, _ in ins if span[0] <= a <= span[1] and any(x < a < y for x, y in skips))
     ops = collections.Counter(op.split(".")[0] for op in loop)
-    return {"loop_instructions": len(loop), "registers": int(re.search(r"REG:(\d+)", res).group(1)),
+    return {"loop_instructions": len(loop), "common_path_instructions": len(loop) - skipped,
+            "registers": int(re.search(r"REG:(\d+)", res).group(1)),
             "spill_stack_bytes": int(re.search(r"STACK:(\d+)", res).group(1)),
             "tensor_core": ops["HGMMA"] + ops["HMMA"], "exp2": ops["MUFU"],
             "fp32_alu": ops["FADD"] + ops["FMUL"] + ops["FFMA"] + ops["FMNMX"] + ops["FSEL"],
@@ -127,6 +138,12 @@ def count(path: Path, kernels: list[str], head_dims: list[int]) -> list[dict]:
                              **({"shared_memory_bytes": compiled.metadata.shared, **sass_stats(compiled.asm["cubin"])}
                                 if compiled else {})})  # {}: not in this version
     return rows
+
+
+def _loop_cell(stats: dict) -> str:
+    """'loop' or 'loop [common path]' where a branch in the loop skips some of it."""
+    loop, common = stats["loop_instructions"], stats.get("common_path_instructions", stats["loop_instructions"])
+    return f"{loop}" if common == loop else f"{loop} [{common}]"
 
 
 def main():
@@ -161,9 +178,9 @@ def main():
             sys.exit(f"counting {v} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
         counted[v] = json.loads(out.read_text())
     print("| kernel | D | BLOCK_M x BLOCK_N, warps, stages | "
-          + " | ".join(f"{v}: loop instructions (regs, spill bytes, shared KiB)" for v in versions)
+          + " | ".join(f"{v}: loop instructions [common path] (regs, spill bytes, shared KiB)" for v in versions)
           + " |\n|---|---|---|" + "---|" * len(versions))
-    stat_keys = ("loop_instructions", "registers", "spill_stack_bytes", "shared_memory_bytes", "tensor_core", "exp2",
+    stat_keys = ("loop_instructions", "common_path_instructions", "registers", "spill_stack_bytes", "shared_memory_bytes", "tensor_core", "exp2",
                  "fp32_alu", "by_op")
     config = lambda r: tuple(r[k] for k in ("kernel", "head_dim", "block_m", "block_n", "warps", "stages"))
     by_config = {v: {config(r): r for r in counted[v]} for v in versions}  # versions may tune other tiles
@@ -174,7 +191,7 @@ def main():
             other = by_config[v].get(config(base), {})
             row[v] = {k: other[k] for k in stat_keys if k in other}
         rows.append(row)
-        cells = " | ".join(f"{row[v]['loop_instructions']} ({row[v]['registers']}, {row[v]['spill_stack_bytes']}, "
+        cells = " | ".join(f"{_loop_cell(row[v])} ({row[v]['registers']}, {row[v]['spill_stack_bytes']}, "
                            f"{row[v].get('shared_memory_bytes', 0) / 1024:.0f})" if row[v] else "-" for v in versions)
         print(f"| {row['kernel']} | {row['head_dim']} | {row['block_m']} x {row['block_n']}, {row['warps']}, "
               f"{row['stages']} | {cells} |")

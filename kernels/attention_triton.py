@@ -103,14 +103,25 @@ def _store_rows(head, strides, rows, N, tile, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
+def _rescale(alpha, l, acc_o, mu, acc_t, TANGENT_S: tl.constexpr, TANGENT_V: tl.constexpr):
+    # The online softmax's accumulators, moved to a new row max: alpha = exp(m_old - m_new) per row.
+    l, acc_o = l * alpha, acc_o * alpha[:, None]
+    if TANGENT_S or TANGENT_V:
+        acc_t = acc_t * alpha[:, None]
+    if TANGENT_S:
+        mu = mu * alpha
+    return l, acc_o, mu, acc_t
+
+
+@triton.jit
 def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
                    start_n, N, qk_scale, m, l, acc_o, mu, acc_t,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    TANGENT_Q: tl.constexpr, TANGENT_K: tl.constexpr, TANGENT_V: tl.constexpr,
-                   PRECISION: tl.constexpr, LAST: tl.constexpr):
+                   PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr, LAST: tl.constexpr):
     """One key block of _attn_fwd's online softmax: the updated (m, l, acc_o, mu, acc_t); tq and the
     TK tiles are scaled tangents (see _attn_fwd). LAST: the block holds keys past N (masked); every
-    other block is whole, so its loads and scores need no mask."""
+    other block is whole, so its loads and scores need no mask. LAZY_RESCALE: see set_rescale."""
     TANGENT_S: tl.constexpr = TANGENT_Q or TANGENT_K   # dS is zero without dQ and dK
     cols = start_n + tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
     k = _load_rows(k_head, k_strides, cols, N, HEAD_DIM, BLOCK_D, LAST)      # (BLOCK_N, BLOCK_D)
@@ -118,13 +129,21 @@ def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)                  # (BLOCK_M, BLOCK_N) unscaled
     if LAST:
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))                 # keys past N get p = 0
-    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)  # finite: every block holds at least one real key
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])                              # one FMA, one exp2 each
-    l = l * alpha + tl.sum(p, 1)
-    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
-    if TANGENT_S or TANGENT_V:
-        acc_t = acc_t * alpha[:, None]
+    m_block = tl.max(qk, 1) * qk_scale  # finite: every block holds at least one real key
+    if LAZY_RESCALE:
+        # Keep the stale max while no row's grows by more than 8 (p <= 2^8: safe in fp32 and bf16);
+        # rescale only when some row's does (a block-wide max per key block).
+        if tl.max(m_block - m, 0) > 8.0:
+            m_new = tl.maximum(m, m_block)
+            l, acc_o, mu, acc_t = _rescale(tl.exp2(m - m_new), l, acc_o, mu, acc_t, TANGENT_S, TANGENT_V)
+            m = m_new
+    else:
+        m_new = tl.maximum(m, m_block)
+        l, acc_o, mu, acc_t = _rescale(tl.exp2(m - m_new), l, acc_o, mu, acc_t, TANGENT_S, TANGENT_V)
+        m = m_new
+    p = tl.exp2(qk * qk_scale - m[:, None])                                  # one FMA, one exp2 each
+    l = l + tl.sum(p, 1)
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o, input_precision=PRECISION)
     if TANGENT_V:
         tv = _load_rows(tv_head, tv_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(v.dtype)
         acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PRECISION)
@@ -136,12 +155,12 @@ def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides
             tk = _load_rows(tk_head, tk_strides, cols, N, HEAD_DIM, BLOCK_D, LAST).to(q.dtype)
             ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
         p_ds = p * ds                                                        # (BLOCK_M, BLOCK_N)
-        mu = mu * alpha + tl.sum(p_ds, 1)
+        mu = mu + tl.sum(p_ds, 1)
         acc_t = tl.dot(p_ds.to(v.dtype), v, acc_t, input_precision=PRECISION)
-    return m_new, l, acc_o, mu, acc_t
+    return m, l, acc_o, mu, acc_t
 
 
-@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM", "TANGENT_Q", "TANGENT_K", "TANGENT_V"],
+@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM", "TANGENT_Q", "TANGENT_K", "TANGENT_V", "LAZY_RESCALE"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
@@ -150,7 +169,8 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
               H, N, scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               TANGENT_Q: tl.constexpr, TANGENT_K: tl.constexpr, TANGENT_V: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LAZY_RESCALE: tl.constexpr = False):
     """One (query block, batch, head): O, its log-sum-exp and, if any tangent is given, dO.
 
     Online softmax over key blocks with p~ = exp(s q.k - m) for the running row max m; every
@@ -180,12 +200,12 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
         m, l, acc_o, mu, acc_t = _fwd_key_block(
             q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
             start_n, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
-            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, False)
+            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, LAZY_RESCALE, False)
     if n_whole < N:
         m, l, acc_o, mu, acc_t = _fwd_key_block(
             q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides, tk_strides, tv_strides,
             n_whole, N, qk_scale, m, l, acc_o, mu, acc_t, HEAD_DIM, BLOCK_D, BLOCK_N,
-            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, True)
+            TANGENT_Q, TANGENT_K, TANGENT_V, PRECISION, LAZY_RESCALE, True)
 
     o = acc_o / l[:, None]                                                  # (BLOCK_M, BLOCK_D)
     _store_rows(_head(O, o_strides, b, h), o_strides, rows, N, o, HEAD_DIM, BLOCK_D)
@@ -322,8 +342,25 @@ def _flash_forward(q, k, v, sq_t, sk_t, v_t, scale):
                     o.stride(), to.stride(),
                     H, N, scale,
                     TANGENT_Q=sq_t is not None, TANGENT_K=sk_t is not None, TANGENT_V=v_t is not None,
-                    **_tile_meta(q))
+                    LAZY_RESCALE=_rescale_mode == "lazy", **_tile_meta(q))
     return o, lse, o_t
+
+
+RESCALES = ("always", "lazy")
+_rescale_mode = "always"
+
+
+def set_rescale(mode: str) -> None:
+    """When the forward's online softmax rescales its accumulators (O, and dO's two): "always", at
+    every key block a row's max grows (the default), or "lazy", only when some row's max grows by
+    more than 2^8 (FlashAttention-4's trick). In the fused forward+JVP two accumulators are rescaled,
+    so the loop's common path loses 5-20% of its sm_90 instructions (bench/kernel_sass.py), for
+    a block-wide max (three more barriers) per key block. Exact either way: the stale max cancels
+    in O = acc / l. Which is faster: unmeasured (needs a GPU; bench/attention_jvp.py times both)."""
+    global _rescale_mode
+    if mode not in RESCALES:
+        raise ValueError(f"forward rescale must be one of {RESCALES}, got {mode!r}")
+    _rescale_mode = mode
 
 
 BACKWARDS = ("two-pass", "atomic")

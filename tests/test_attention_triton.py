@@ -1,6 +1,8 @@
 """kernels.attention, triton backend: primal, tangent (torch.func.jvp, forward_ad) and gradients vs
 fp64 math attention. On CPU the kernels run in the Triton interpreter (see conftest.py), where
 fp32 / fp16 arithmetic is exact numpy but bf16 is not, so bf16 is checked on CUDA only."""
+import math
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -273,6 +275,44 @@ def test_atomic_dq_backward_matches_math_attention(B, H, N, D, dtype, atomic_bac
     assert len(dq_launches) == 1
     with pytest.raises(ValueError, match="flash backward must be one of"):
         atomic_backward.set_backward("fast")
+
+
+@pytest.fixture
+def lazy_rescale():
+    attention_triton.set_rescale("lazy")
+    yield attention_triton
+    attention_triton.set_rescale("always")
+
+
+def rising_keys(B, H, N, D, dtype, rise):
+    """q, k, v, tangents and dO where every query's logits rise along the keys by `rise` (in log2
+    units) per 32 keys, plus noise: from block to block the row maxima grow by less than lazy
+    rescaling's 8 (rise 1: it keeps the stale max) or by far more (it must rescale)."""
+    u = randn((D,), torch.float64, 0)
+    u = u / u.norm()                                                 # a direction every q shares
+    q = D ** 0.5 * u + 0.3 * randn((B, H, N, D), torch.float64, 1)   # scale q.u = 1 (+ noise)
+    ramp = rise * math.log(2) / 32 * torch.arange(N, dtype=torch.float64, device=DEVICE)
+    k = 0.3 * randn((B, H, N, D), torch.float64, 2) + ramp[:, None] * u   # scale q.k ~ ramp
+    v, dq, dk, dv, go = (randn((B, H, N, D), torch.float64, seed) for seed in range(3, 8))
+    return tuple(x.to(dtype) for x in (q, k, v, dq, dk, dv, go))
+
+
+# Rises of 40 (fp32) and 10 (fp16: p would pass 2^16) make an accumulator overflow unless rescaled;
+# half types stay at 10, where the tangent's large dS keeps them within tolerance.
+@pytest.mark.parametrize("dtype,rise", [
+    (torch.float32, 1.0), (torch.float32, 40.0), (torch.float16, 1.0), (torch.float16, 10.0),
+    *(pytest.param(torch.bfloat16, r, marks=BF16_ON_CUDA.marks) for r in (1.0, 10.0))], ids=lambda x: DTYPE_IDS.get(x, x))
+@pytest.mark.parametrize("D", (64, 128) if CUDA else (32,))  # on CUDA: the attention benchmark's binaries
+def test_lazy_rescale_matches_math_attention(dtype, rise, D, lazy_rescale):
+    q, k, v, dq, dk, dv, go = rising_keys(1, 2, 208, D, dtype, rise)
+    check_against_reference(q, k, v, (dq, dk, dv), go)
+    o_lazy, _, t_lazy = lazy_rescale._flash_forward(q, k, v, dq, dk, dv, q.shape[-1] ** -0.5)
+    lazy_rescale.set_rescale("always")
+    o, _, t = lazy_rescale._flash_forward(q, k, v, dq, dk, dv, q.shape[-1] ** -0.5)
+    if rise < 8:  # a stale max rounds differently: the lazy branch ran
+        assert not torch.equal(o_lazy, o) and not torch.equal(t_lazy, t)
+    with pytest.raises(ValueError, match="forward rescale must be one of"):
+        lazy_rescale.set_rescale("sometimes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
