@@ -212,6 +212,14 @@ def _atomic_tiles():
             if CUDA or d == 64 for n in ns for t in attention_triton.KEY_MAJOR_TILES]
 
 
+def _lazy_tiles():
+    """Every query-major tile per (D, N) on CUDA; in the interpreter the largest at D = 64 (the
+    block-wide max over 128 rows)."""
+    tiles = attention_triton.QUERY_MAJOR_TILES
+    cases = [(t, d, n) for d, ns in TILE_CASES.items() for n in ns for t in tiles] if CUDA else [(tiles[0], 64, 208)]
+    return [pytest.param(t, d, n, id=f"{_tile_id(t)}-d{d}-n{n}") for t, d, n in cases]
+
+
 def skip_if_it_cannot_launch(check):
     """Run check(); a tile that needs more shared memory than this GPU has cannot launch (the
     autotuner skips it in real runs): the case is skipped, saying so."""
@@ -228,6 +236,20 @@ def test_every_gpu_tile_matches_math_attention(query_major, key_major, D, N, mon
     skip_if_it_cannot_launch(lambda: check_against_reference(q, k, v, (dq, dk, dv), go))
     at = attention_triton
     launched(at._attn_fwd, at._attn_bwd_dkdv, at._attn_bwd_dq)
+
+
+@pytest.mark.parametrize("query_major,D,N", _lazy_tiles())
+def test_every_gpu_tile_of_the_lazy_forward_matches(query_major, D, N, lazy_rescale, monkeypatch):
+    launched = use_tiles(monkeypatch, query_major, attention_triton.KEY_MAJOR_TILES[0])
+    q, k, v, dq, dk, dv, go = rising_keys(1, 2, N, D, TILE_DTYPE, 1.0)  # the stale max is kept
+    o_ref, t_ref, _ = reference(q, k, v, (dq, dk, dv), go)
+
+    def check():
+        o, t = torch.func.jvp(triton, (q, k, v), (dq, dk, dv))
+        assert_close(o, o_ref, TOL[TILE_DTYPE][0])
+        assert_close(t, t_ref, TOL[TILE_DTYPE][1])
+    skip_if_it_cannot_launch(check)
+    launched(attention_triton._attn_fwd)
 
 
 @pytest.mark.parametrize("key_major,D,N", _atomic_tiles())
@@ -297,14 +319,15 @@ def rising_keys(B, H, N, D, dtype, rise):
     return tuple(x.to(dtype) for x in (q, k, v, dq, dk, dv, go))
 
 
-# Rises of 40 (fp32) and 10 (fp16: p would pass 2^16) make an accumulator overflow unless rescaled;
-# half types stay at 10, where the tangent's large dS keeps them within tolerance.
+# Rises of 80 (fp32: past the first block p would pass 2^128 within 100 keys) and 10 (fp16: 2^16)
+# make an accumulator overflow unless rescaled; half types stay at 10, where the tangent's large dS
+# keeps them within tolerance. On CUDA 208 keys at D = 64 and 128: the attention benchmark's binaries.
 @pytest.mark.parametrize("dtype,rise", [
-    (torch.float32, 1.0), (torch.float32, 40.0), (torch.float16, 1.0), (torch.float16, 10.0),
+    (torch.float32, 1.0), (torch.float32, 80.0), (torch.float16, 1.0), (torch.float16, 10.0),
     *(pytest.param(torch.bfloat16, r, marks=BF16_ON_CUDA.marks) for r in (1.0, 10.0))], ids=lambda x: DTYPE_IDS.get(x, x))
-@pytest.mark.parametrize("D", (64, 128) if CUDA else (32,))  # on CUDA: the attention benchmark's binaries
-def test_lazy_rescale_matches_math_attention(dtype, rise, D, lazy_rescale):
-    q, k, v, dq, dk, dv, go = rising_keys(1, 2, 208, D, dtype, rise)
+@pytest.mark.parametrize("N,D", [(208, 64), (208, 128)] if CUDA else [(100, 32)])
+def test_lazy_rescale_matches_math_attention(dtype, rise, N, D, lazy_rescale):
+    q, k, v, dq, dk, dv, go = rising_keys(1, 2, N, D, dtype, rise)
     check_against_reference(q, k, v, (dq, dk, dv), go)
     o_lazy, _, t_lazy = lazy_rescale._flash_forward(q, k, v, dq, dk, dv, q.shape[-1] ** -0.5)
     lazy_rescale.set_rescale("always")
