@@ -42,8 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels import attention  # noqa: E402
-from kernels import attention_triton  # noqa: E402
-from kernels.attention_triton import _flash_forward, set_backward, set_rescale  # noqa: E402
+from kernels import attention_triton as at  # noqa: E402
 from kernels.flops import attention_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -185,28 +184,27 @@ def main(args: argparse.Namespace) -> dict:
             x.requires_grad_(True)
         inputs = (q, k, v, tq, tk, tv, grad_o)
         # triton's backward is timed once, after the jvp (the MeanFlow pattern)
-        at = attention_triton
         results = _case("triton", triton_attention, False, inputs, args.reps, backward=False)
         tiles = {"fwd": _chosen_tile(at._attn_fwd)}
         results |= _case("triton", triton_attention, True, inputs, args.reps)
         tiles |= {"fwd+jvp": _chosen_tile(at._attn_fwd), "bwd dk dv": _chosen_tile(at._attn_bwd_dkdv),
                   "bwd dq": _chosen_tile(at._attn_bwd_dq)}
-        set_backward("atomic")
+        at.set_backward("atomic")
         try:
             results |= {f"{c} atomic": r for c, r in _case("triton", triton_attention, True, inputs, args.reps).items()
                         if c.endswith("bwd")}
             tiles["bwd dk dv + atomic dq"] = _chosen_tile(at._attn_bwd_dkdv)
         finally:
-            set_backward("two-pass")
-        set_rescale("lazy")
+            at.set_backward("two-pass")
+        at.set_rescale("lazy")
         try:
             results |= {f"{c} lazy": r for c, r in _case("triton", triton_attention, True, inputs, args.reps,
                                                          backward=False).items()}
             tiles["fwd+jvp lazy"] = _chosen_tile(at._attn_fwd)
         finally:
-            set_rescale("always")
+            at.set_rescale("always")
         with torch.no_grad():  # random tangents stand for the scaled ones the launch takes
-            results["kernel fwd+jvp"] = _measure(lambda: _flash_forward(q, k, v, tq, tk, tv, args.head_dim ** -0.5),
+            results["kernel fwd+jvp"] = _measure(lambda: at._flash_forward(q, k, v, tq, tk, tv, args.head_dim ** -0.5),
                                                  args.reps)
         results |= _case("math", math_attention, True, inputs, args.reps)
         if cuda:  # the flash and cuDNN SDPA backends exist on CUDA only

@@ -105,7 +105,8 @@ def sass_stats(cubin: bytes) -> dict:
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     pred = r"(?:@!?U?P\w+\s+)?"
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"([A-Z][A-Z0-9_.]*)", sass)]
-    branches = [(int(a, 16), int(b, 16)) for a, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"BRA\s+0x([0-9a-f]+)", sass)]
+    branches = [(int(a, 16), int(b, 16))  # (at, to)
+                for a, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"BRA\s+0x([0-9a-f]+)", sass)]
     loop, span = [], (0, 0)
     for src, dst in branches:
         body = [op for a, op in ins if dst <= a <= src] if dst < src else []
@@ -180,8 +181,8 @@ def main():
     print("| kernel | D | BLOCK_M x BLOCK_N, warps, stages | "
           + " | ".join(f"{v}: loop instructions [common path] (regs, spill bytes, shared KiB)" for v in versions)
           + " |\n|---|---|---|" + "---|" * len(versions))
-    stat_keys = ("loop_instructions", "common_path_instructions", "registers", "spill_stack_bytes", "shared_memory_bytes", "tensor_core", "exp2",
-                 "fp32_alu", "by_op")
+    stat_keys = ("loop_instructions", "common_path_instructions", "registers", "spill_stack_bytes",
+                 "shared_memory_bytes", "tensor_core", "exp2", "fp32_alu", "by_op")
     config = lambda r: tuple(r[k] for k in ("kernel", "head_dim", "block_m", "block_n", "warps", "stages"))
     by_config = {v: {config(r): r for r in counted[v]} for v in versions}  # versions may tune other tiles
     rows = []

@@ -174,7 +174,8 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     """One (query block, batch, head): O, its log-sum-exp and, if any tangent is given, dO.
 
     Online softmax over key blocks with p~ = exp(s q.k - m) for the running row max m; every
-    accumulator is rescaled by alpha = exp(m_old - m_new) when m grows:
+    accumulator is rescaled by alpha = exp(m_old - m_new) when m grows (LAZY_RESCALE: only when
+    some row's grows by more than a factor 2^8, see set_rescale):
         l = sum p~,  acc_o = sum p~ V,  mu = sum p~ dS,  acc_t = sum (p~ dS) V + p~ dV
     and at the end O = acc_o / l, dO = acc_t / l - (mu / l) O (the TANGENT_* flags drop the
     terms of missing tangents at compile time). TQ and TK hold s dQ and s dK (the launchers scale
