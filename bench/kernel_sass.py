@@ -103,23 +103,30 @@ def sass_stats(cubin: bytes) -> dict:
         f.flush()
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {**main_loop_stats(sass), "registers": int(re.search(r"REG:(\d+)", res).group(1)),
+            "spill_stack_bytes": int(re.search(r"STACK:(\d+)", res).group(1))}
+
+
+def main_loop_stats(sass: str) -> dict:
+    """Opcode counts of the main loop in cuobjdump's SASS text: the span of the conditional
+    backward branch around the most tensor-core instructions."""
     pred = r"(?:@!?U?P\w+\s+)?"
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"([A-Z][A-Z0-9_.]*)", sass)]
-    branches = [(int(a, 16), int(b, 16))  # (at, to)
-                for a, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+" + pred + r"BRA\s+0x([0-9a-f]+)", sass)]
+    branches = [(int(a, 16), int(b, 16), bool(p))  # (at, to, conditional)
+                for a, p, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass)]
     loop, span = [], (0, 0)
-    for src, dst in branches:
+    # Unconditional backward branches are not loops: out-of-line code placed after the kernel's
+    # end (an mbarrier wait's retry path, with TMA loads) returns into the loop's middle by one.
+    for src, dst, _ in filter(lambda b: b[2], branches):
         body = [op for a, op in ins if dst <= a <= src] if dst < src else []
         if sum(op.startswith(("HGMMA", "HMMA")) for op in body) > sum(op.startswith(("HGMMA", "HMMA")) for op in loop):
             loop, span = body, (dst, src)
     # Forward branches inside the loop skip code that not every iteration runs (set_rescale("lazy")'s
     # rescale): the common path is the loop without it.
-    skips = [(a, b) for a, b in branches if span[0] <= a < b <= span[1]]
+    skips = [(a, b) for a, b, _ in branches if span[0] <= a < b <= span[1]]
     skipped = sum(1 for a, _ in ins if span[0] <= a <= span[1] and any(x < a < y for x, y in skips))
     ops = collections.Counter(op.split(".")[0] for op in loop)
     return {"loop_instructions": len(loop), "common_path_instructions": len(loop) - skipped,
-            "registers": int(re.search(r"REG:(\d+)", res).group(1)),
-            "spill_stack_bytes": int(re.search(r"STACK:(\d+)", res).group(1)),
             "tensor_core": ops["HGMMA"] + ops["HMMA"], "exp2": ops["MUFU"],
             "fp32_alu": ops["FADD"] + ops["FMUL"] + ops["FFMA"] + ops["FMNMX"] + ops["FSEL"],
             "by_op": dict(ops.most_common(12))}

@@ -62,6 +62,35 @@ def test_kernel_sass_counts_each_kernels_main_loop(tmp_path):
     assert bad.returncode == 2 and "no-such-rev" in bad.stderr and "Traceback" not in bad.stderr
 
 
+# A loop as Hopper kernels with TMA loads lay it out: an mbarrier wait whose retry path sits after
+# the kernel's end and returns into the loop by an unconditional branch. That branch's span holds
+# more tensor-core instructions (the loop's second half and the epilogue) than the loop itself.
+RETRY_PATH_SASS = """
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [UR33], R21 ;
+        /*0020*/               @!P4 BRA 0xa0 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR16], R24 ;
+        /*0040*/                   MUFU.EX2 R3, R3 ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR20], R24 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR24], R24 ;
+        /*0080*/                   EXIT ;
+        /*00a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [UR33], R21 ;
+        /*00b0*/               @!P4 BRA 0xa0 ;
+        /*00c0*/                   BRA 0x30 ;
+"""
+
+
+def test_kernel_sass_main_loop_is_not_a_retry_path():
+    code = ("import json, sys; sys.path.insert(0, 'bench'); from kernel_sass import main_loop_stats; "
+            "print(json.dumps(main_loop_stats(sys.stdin.read())))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=RETRY_PATH_SASS, capture_output=True,
+                         text=True, check=True, timeout=120)
+    stats = json.loads(run.stdout)
+    assert (stats["loop_instructions"], stats["tensor_core"], stats["exp2"]) == (5, 1, 1)  # 0x10 .. 0x50
+    assert stats["common_path_instructions"] == 5  # the branch to the retry path leaves the loop
+
+
 def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
     out = tmp_path / "att.json"
     subprocess.run([sys.executable, "-m", "bench.attention_jvp", "--out", str(out)], cwd=ROOT, check=True,
