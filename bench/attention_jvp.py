@@ -3,12 +3,15 @@
     python -m bench.attention_jvp --out attention_jvp.json              # CUDA: N = 256 .. 16384
     python -m bench.attention_jvp --seq-lens 1024 4096 --batch 2        # a subset
 
-Per sequence length N, on (B, H, N, D) inputs with autograd recording (as in a train step):
+Per sequence length N, on (B, H, N, D) inputs stored (B, N, H, D) as MiT's projections store them,
+with autograd recording (as in a train step):
   triton fwd      kernels.attention(backend="triton"), primal only
   triton fwd+jvp  the same under torch.func.jvp (O and dO in one fused pass)
   triton bwd      backward of the jvp's primal output (flash backward from the saved LSE)
   triton bwd atomic  the same with set_backward("atomic"): dQ added by fp32 atomics inside the
                   dK/dV kernel (5 matmuls per block pair instead of two kernels' 7)
+  triton bwd sdpa the same with set_backward("sdpa"): SDPA's own backward kernel (cuDNN's) run on
+                  the fused forward's O and log-sum-exp
   triton fwd+jvp lazy  the same with set_rescale("lazy"): accumulators rescaled only when a row
                   max grows by more than 2^8
   kernel fwd+jvp  the fused forward+tangent launch alone (what the train step's custom op runs,
@@ -178,8 +181,9 @@ def main(args: argparse.Namespace) -> dict:
     for n in args.seq_lens:
         gen = torch.Generator().manual_seed(n)
         shape = (args.batch, args.heads, n, args.head_dim)
-        q, k, v, tq, tk, tv, grad_o = (torch.randn(shape, generator=gen).to(device, dtype)
-                                       for _ in range(7))
+        # q, k, v (and the rest) stored (B, N, H, D) as MiT's projections store them
+        q, k, v, tq, tk, tv, grad_o = (torch.randn(shape[:1] + shape[2:3] + shape[1:2] + shape[3:], generator=gen)
+                                       .to(device, dtype).transpose(1, 2) for _ in range(7))
         for x in (q, k, v):
             x.requires_grad_(True)
         inputs = (q, k, v, tq, tk, tv, grad_o)
@@ -194,6 +198,15 @@ def main(args: argparse.Namespace) -> dict:
             results |= {f"{c} atomic": r for c, r in _case("triton", triton_attention, True, inputs, args.reps).items()
                         if c.endswith("bwd")}
             tiles["bwd dk dv + atomic dq"] = _chosen_tile(at._attn_bwd_dkdv)
+        finally:
+            at.set_backward("two-pass")
+        at.set_backward("sdpa")
+        try:
+            if at._sdpa_takes(q, k, v):
+                results |= {f"{c} sdpa": r for c, r in _case("triton", triton_attention, True, inputs, args.reps).items()
+                            if c.endswith("bwd")}
+            else:
+                results["triton bwd sdpa"] = "n/a"  # these inputs would take the two-pass kernels
         finally:
             at.set_backward("two-pass")
         at.set_rescale("lazy")
@@ -220,10 +233,12 @@ def main(args: argparse.Namespace) -> dict:
             "triton bwd / cudnn bwd": _ratio(results, "triton bwd", "cudnn bwd"),
             "triton bwd atomic / cudnn bwd": _ratio(results, "triton bwd atomic", "cudnn bwd"),
             "triton bwd atomic / triton bwd": _ratio(results, "triton bwd atomic", "triton bwd"),
+            "triton bwd sdpa / cudnn bwd": _ratio(results, "triton bwd sdpa", "cudnn bwd"),
+            "triton bwd sdpa / triton bwd": _ratio(results, "triton bwd sdpa", "triton bwd"),
             "triton fwd+jvp lazy / triton fwd+jvp": _ratio(results, "triton fwd+jvp lazy", "triton fwd+jvp"),
         }
         matmuls = {"triton fwd": 2, "kernel fwd+jvp": 6, "triton fwd+jvp": 6, "triton fwd+jvp lazy": 6, "triton bwd": 5,
-                   "triton bwd atomic": 5, "sdpa fwd": 2, "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
+                   "triton bwd atomic": 5, "triton bwd sdpa": 5, "sdpa fwd": 2, "sdpa bwd": 5, "cudnn fwd": 2, "cudnn bwd": 5}
         tflops = {c: round(attention_flops(shape, shape, m) / results[c]["ms"] / 1e9, 1)
                   for c, m in matmuls.items() if isinstance(results.get(c), dict)}
         rows.append({"N": n, "results": results, "ratios": ratios, "tflops": tflops, "tiles": tiles})
@@ -236,11 +251,11 @@ def main(args: argparse.Namespace) -> dict:
 
 
 COLUMNS = ["triton fwd", "triton fwd+jvp", "triton fwd+jvp lazy", "kernel fwd+jvp", "triton bwd", "triton bwd atomic",
-           "math fwd+jvp", "math bwd", "sdpa fwd", "sdpa bwd", "cudnn fwd", "cudnn bwd"]
+           "triton bwd sdpa", "math fwd+jvp", "math bwd", "sdpa fwd", "sdpa bwd", "cudnn fwd", "cudnn bwd"]
 RATIOS = ["math/triton fwd+jvp", "math/triton bwd", "triton fwd+jvp / sdpa fwd",
           "triton fwd / sdpa fwd", "triton bwd / sdpa bwd", "triton fwd+jvp / cudnn fwd",
           "triton bwd / cudnn bwd", "triton bwd atomic / cudnn bwd", "triton bwd atomic / triton bwd",
-          "triton fwd+jvp lazy / triton fwd+jvp"]
+          "triton bwd sdpa / cudnn bwd", "triton bwd sdpa / triton bwd", "triton fwd+jvp lazy / triton fwd+jvp"]
 
 
 def _print_row(row: dict, header: bool) -> None:

@@ -13,8 +13,8 @@
 # the JSON is rewritten after every phase, so a stage cut short keeps what it measured.
 # Stages: check (CUDA correctness, eager and compiled, + bf16 kernel tests), attention
 # (bench/attention_jvp.py at N = 4096 .. 16384, D = 64 and 128: fwd+JVP and bwd TFLOP/s against
-# cuDNN, the two-pass and the atomic-dQ backward, and the fwd+JVP with lazy rescaling, side by
-# side), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
+# cuDNN, the two-pass, atomic-dQ and sdpa backwards (the last: cuDNN's kernel on the fused forward's
+# O and log-sum-exp), and the fwd+JVP with lazy rescaling, side by side), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
 # pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
 # bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), mem64 (64^3 volume,
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager

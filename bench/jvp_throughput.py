@@ -272,8 +272,9 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak for MFU (default: bf16 on H100 / H200 989.4; none on CPU)")
     p.add_argument("--flash-backward", default="two-pass", choices=BACKWARDS,
-                   help="how the Triton flash backward (the tangent rows' attention) makes dQ: a second kernel "
-                        "(two-pass, deterministic) or fp32 atomics in the dK/dV kernel (atomic: 5 matmuls, not 7)")
+                   help="the backward of the tangent rows' fused attention: Triton flash with dQ from a second "
+                        "kernel (two-pass, deterministic) or by fp32 atomics in the dK/dV kernel (atomic: 5 matmuls, "
+                        "not 7), or SDPA's own backward kernel on the fused forward's O and log-sum-exp (sdpa: cuDNN)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()

@@ -5,8 +5,8 @@ Same math as the torch backend in kernels/attention.py (s = scale, P = softmax(s
     dO = P (dS V + dV) - rowsum(P * dS) O,     dS = s (dQ K^T + Q dK^T)
 computed block by block with one online softmax (running max m shared by primal and tangent), so
 no N x N tensor ever exists. Backward is the ordinary FlashAttention-2 backward of the primal: P is
-recomputed from the saved log-sum-exp. The tangent is stop-grad in every MeanFlow loss, so it is
-never differentiated.
+recomputed from the saved log-sum-exp (set_backward: other ways to the same gradients, SDPA's own
+kernel among them). The tangent is stop-grad in every MeanFlow loss, so it is never differentiated.
 
 Tangents reach the fused kernel because `triton_attention` unpacks them from the dual inputs
 (`forward_ad.unpack_dual` sees both `torch.func.jvp` and `torch.autograd.forward_ad` duals) and
@@ -364,28 +364,62 @@ def set_rescale(mode: str) -> None:
     _rescale_mode = mode
 
 
-BACKWARDS = ("two-pass", "atomic")
+BACKWARDS = ("two-pass", "atomic", "sdpa")
 _backward_mode = "two-pass"
 
 
 def set_backward(mode: str) -> None:
-    """How the flash backward makes dQ: "two-pass" (a second kernel recomputes P per query block:
-    7 matmuls per block pair, deterministic; the default) or "atomic" (the dK/dV kernel adds dQ
-    with fp32 atomics: 5 matmuls, as FlashAttention-2's backward; not bitwise reproducible, so
-    torch.use_deterministic_algorithms(True) keeps two-pass)."""
+    """How the backward makes dQ, dK, dV: "two-pass" (a second kernel recomputes P per query block:
+    7 matmuls per block pair, deterministic; the default), "atomic" (the dK/dV kernel adds dQ
+    with fp32 atomics: 5 matmuls, as FlashAttention-2's backward) or "sdpa" (PyTorch's own fused
+    attention backward, fed with this forward's O and log-sum-exp, which follow SDPA's conventions:
+    cuDNN's kernel on CUDA for fp16 / bf16 at head dims that are multiples of 8 up to 128 and
+    inputs stored token-major, other CUDA inputs taking two-pass; the CPU flash kernel in the
+    interpreter). Neither atomic nor cuDNN
+    is bitwise reproducible, so torch.use_deterministic_algorithms(True) keeps two-pass."""
     global _backward_mode
     if mode not in BACKWARDS:
         raise ValueError(f"flash backward must be one of {BACKWARDS}, got {mode!r}")
     _backward_mode = mode
 
 
+def _sdpa_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether set_backward("sdpa") can use cuDNN here. Only for q, k, v stored in (B, N, H, D)
+    order (as MiT's views of its stacked projection are): PyTorch caches a cuDNN backward graph by
+    q, k and v alone, and in that order SDPA's own O and dO are token-major as ours, so rows of
+    either kind reuse the graph on the layout it was built for."""
+    if not q.is_cuda:
+        return True
+    d = q.shape[-1]
+    token_order = all(x.stride(-1) == 1 and x.stride(1) < x.stride(2) < x.stride(0) for x in (q, k, v))
+    return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 128 and token_order
+
+
+def _sdpa_backward(q, k, v, o, lse, grad_o, scale):
+    """dQ, dK, dV by SDPA's backward kernel from the saved O and log-sum-exp, stored token-major
+    as the Triton kernels store them (and the fake kernel says)."""
+    N = q.shape[2]
+    if grad_o.stride() != o.stride():  # cuDNN reads dO in O's layout (else it copies, warning)
+        grad_o = _token_major(o).copy_(grad_o)
+    if q.is_cuda:
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_o, q, k, v, o, lse.unsqueeze(-1), None, None, None, None, None, N, N, 0.0, False, scale=scale)
+    else:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_o, q, k, v, o, lse, 0.0, False, scale=scale)
+    return tuple(g if g.transpose(1, 2).is_contiguous() else _token_major(g).copy_(g) for g in grads)
+
+
 def _flash_backward(q, k, v, o, lse, grad_o, scale):
     """dQ, dK, dV of the primal from the saved log-sum-exp (no N x N tensor)."""
     B, H, N, _ = q.shape
     grad_o = grad_o.to(q.dtype)  # the kernels' dots need one operand dtype
+    mode = "two-pass" if torch.are_deterministic_algorithms_enabled() else _backward_mode
+    if mode == "sdpa" and _sdpa_takes(q, k, v):
+        return _sdpa_backward(q, k, v, o, lse, grad_o, scale)
     delta = (grad_o.float() * o.float()).sum(-1).contiguous()              # (B, H, N)
     dk, dv = _token_major(k), _token_major(v)                              # (B, H, N, D) each
-    atomic = _backward_mode == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    atomic = mode == "atomic"
     dq = _token_major(q, torch.float32).zero_() if atomic else _token_major(q)
     meta = _tile_meta(q)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B, H)](

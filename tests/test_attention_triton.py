@@ -95,7 +95,7 @@ def test_noncontiguous_inputs_tangents_and_gradient():
     check_against_reference(q, k, v, tangents, grad_o)
 
 
-@pytest.mark.parametrize("backward", ["two-pass", "atomic"])
+@pytest.mark.parametrize("backward", attention_triton.BACKWARDS)
 def test_outputs_are_token_major_and_fake_kernels_say_so(backward, monkeypatch):
     """O, dO and dQ, dK, dV are stored (B, N, H, D), so the projections' reshape around attention is
     a view; the fake kernels torch.compile plans with must give the same strides as the real ones."""
@@ -162,6 +162,22 @@ def atomic_backward():
     attention_triton.set_backward("atomic")
     yield attention_triton
     attention_triton.set_backward("two-pass")
+
+
+def count_launches(monkeypatch, module, *names):
+    """Replace module's kernels `names` by wrappers that count their launches: {name: count}."""
+    counts = dict.fromkeys(names, 0)
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.kernel[grid]
+    for name in names:
+        monkeypatch.setattr(module, name, Counted(name, getattr(module, name)))
+    return counts
 
 
 def use_tiles(monkeypatch, query_major, key_major):
@@ -273,19 +289,12 @@ BF16_ON_CUDA = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("B,H,N,D", [(2, 1, 77, 16), (1, 2, 64, 32), (1, 1, 33, 24), (2, 2, 1, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_ON_CUDA], ids=DTYPE_IDS.get)
 def test_atomic_dq_backward_matches_math_attention(B, H, N, D, dtype, atomic_backward, monkeypatch):
-    dq_launches = []  # the two-pass backward's dQ kernel, counted
-
-    class CountedLaunch:
-        def __getitem__(self, grid):
-            dq_launches.append(grid)
-            return real[grid]
-    real = atomic_backward._attn_bwd_dq
-    monkeypatch.setattr(atomic_backward, "_attn_bwd_dq", CountedLaunch())
+    launches = count_launches(monkeypatch, atomic_backward, "_attn_bwd_dq")  # the two-pass backward's dQ kernel
     q, k, v, go = (randn((B, H, N, D), dtype, seed) for seed in range(4))
     _, _, (dq_ref, dk_ref, dv_ref) = reference(q, k, v, (q, k, v), go)
     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
     grads = torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), go)
-    assert not dq_launches  # dQ came from the atomics
+    assert launches["_attn_bwd_dq"] == 0  # dQ came from the atomics
     for g, g_ref in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert g.dtype == dtype
         assert_close(g, g_ref, TOL[dtype][1])
@@ -294,9 +303,46 @@ def test_atomic_dq_backward_matches_math_attention(B, H, N, D, dtype, atomic_bac
         torch.autograd.grad(triton(qs, ks, vs), qs, go)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert len(dq_launches) == 1
+    assert launches["_attn_bwd_dq"] == 1
     with pytest.raises(ValueError, match="flash backward must be one of"):
         atomic_backward.set_backward("fast")
+
+
+@pytest.fixture
+def sdpa_backward():
+    attention_triton.set_backward("sdpa")
+    yield attention_triton
+    attention_triton.set_backward("two-pass")
+
+
+# q, k, v strided as MiT's views of its stacked projection: (B, N, 3, H, D) storage.
+@pytest.mark.parametrize("B,H,N,D,stacked", [(2, 1, 77, 16, False), (1, 2, 64, 32, True), (1, 1, 33, 24, True),
+                                             (2, 2, 1, 16, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_ON_CUDA], ids=DTYPE_IDS.get)
+def test_sdpa_backward_matches_math_attention(B, H, N, D, stacked, dtype, sdpa_backward, monkeypatch):
+    """set_backward("sdpa"): SDPA's backward kernel on this forward's O and log-sum-exp (cuDNN on
+    CUDA, the CPU flash kernel here) gives the gradients, and no Triton backward kernel runs."""
+    launches = count_launches(monkeypatch, sdpa_backward, "_attn_bwd_dkdv", "_attn_bwd_dq")
+    if stacked:
+        q, k, v = randn((B, N, 3, H, D), dtype, 0).unbind(2)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))                  # (B, H, N, D) views
+    else:
+        q, k, v = (randn((B, H, N, D), dtype, seed) for seed in range(3))
+    go = randn((B, H, N, D), dtype, 3)
+    _, _, grads_ref = reference(q, k, v, (q, k, v), go)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    o, _ = attention_with_tangent(qs, ks, vs, q, k, v, backend="triton")   # the fast step's call
+    by_sdpa = sdpa_backward._sdpa_takes(q, k, v)  # on CUDA: not for (B, H, N, D)-ordered inputs
+    for g, g_ref in zip(torch.autograd.grad(o, (qs, ks, vs), go), grads_ref):
+        assert g.dtype == dtype and g.transpose(1, 2).is_contiguous()
+        assert_close(g, g_ref, TOL[dtype][1])
+    assert launches == {"_attn_bwd_dkdv": 0 if by_sdpa else 1, "_attn_bwd_dq": 0 if by_sdpa else 1}
+    torch.use_deterministic_algorithms(True)  # keeps the two-pass Triton backward
+    try:
+        torch.autograd.grad(triton(qs, ks, vs), qs, go)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launches["_attn_bwd_dq"] == (1 if by_sdpa else 2)
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
                    capture_output=True, timeout=600)
     (row,) = json.loads(out.read_text())["rows"]  # without CUDA: one tiny interpreter case
     assert {"triton fwd", "triton fwd+jvp", "triton fwd+jvp lazy", "kernel fwd+jvp", "triton bwd",
-            "triton bwd atomic"} <= set(row["tflops"])
+            "triton bwd atomic", "triton bwd sdpa"} <= set(row["tflops"])
     assert row["results"]["kernel fwd+jvp"]["ms"] > 0
     assert set(row["tiles"]) == {"fwd", "fwd+jvp", "bwd dk dv", "bwd dq", "bwd dk dv + atomic dq", "fwd+jvp lazy"}
     assert all(re.fullmatch(r"\d+ x \d+, warps \d+, stages \d+", t) for t in row["tiles"].values()), row["tiles"]
