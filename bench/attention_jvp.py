@@ -181,9 +181,9 @@ def main(args: argparse.Namespace) -> dict:
     for n in args.seq_lens:
         gen = torch.Generator().manual_seed(n)
         shape = (args.batch, args.heads, n, args.head_dim)
-        # q, k, v (and the rest) stored (B, N, H, D) as MiT's projections store them
-        q, k, v, tq, tk, tv, grad_o = (torch.randn(shape[:1] + shape[2:3] + shape[1:2] + shape[3:], generator=gen)
-                                       .to(device, dtype).transpose(1, 2) for _ in range(7))
+        stored = (args.batch, n, args.heads, args.head_dim)  # (B, N, H, D), as MiT's projections store them
+        q, k, v, tq, tk, tv, grad_o = (torch.randn(stored, generator=gen).to(device, dtype).transpose(1, 2)
+                                       for _ in range(7))
         for x in (q, k, v):
             x.requires_grad_(True)
         inputs = (q, k, v, tq, tk, tv, grad_o)

@@ -375,8 +375,8 @@ def set_backward(mode: str) -> None:
     attention backward, fed with this forward's O and log-sum-exp, which follow SDPA's conventions:
     cuDNN's kernel on CUDA for fp16 / bf16 at head dims that are multiples of 8 up to 128 and
     inputs stored token-major, other CUDA inputs taking two-pass; the CPU flash kernel in the
-    interpreter). Neither atomic nor cuDNN
-    is bitwise reproducible, so torch.use_deterministic_algorithms(True) keeps two-pass."""
+    interpreter). Neither atomic nor cuDNN is bitwise reproducible, so
+    torch.use_deterministic_algorithms(True) keeps two-pass."""
     global _backward_mode
     if mode not in BACKWARDS:
         raise ValueError(f"flash backward must be one of {BACKWARDS}, got {mode!r}")
