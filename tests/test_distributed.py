@@ -192,7 +192,11 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
 
 
 def test_the_weight_guard_catches_ranks_that_differ():
+    # The worker lives in tests/, so its sys.path[0] is not the repo root: name the root, so that
+    # it imports this checkout's fastmf whatever is installed.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "tests/dist_guard_worker.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "tests/dist_guard_worker.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank 0: caught" in r.stdout and "rank 1: caught" in r.stdout
