@@ -200,6 +200,8 @@ def main(args: Args):
     if args.num_samples < 2 or args.batch_size < 1 or not args.nfe or min(args.nfe) < 1 or not args.weights:
         fail(f"need --num-samples >= 2, --batch-size >= 1, --nfe >= 1 and some --weights; got {args.num_samples}, {args.batch_size}, "
              f"{args.nfe}, {args.weights}")
+    if args.workers < 0:
+        fail(f"--workers must be >= 0, got {args.workers}")
     if any(w < 1 for w in args.omega):
         fail(f"--omega values must be >= 1, got {args.omega}")
     intervals = [parse_interval(s) for s in args.interval]

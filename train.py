@@ -51,8 +51,16 @@ def check_config(cfg: TrainConfig):
         fail(f"--ema must be in [0, 1), got {optim.ema}")
     if any(not (h > 0 and math.isfinite(h)) for h in optim.ema_halflives) or not 0 < optim.ema_rampup <= 1:
         fail(f"--ema-halflives must be > 0 and --ema-rampup in (0, 1], got {optim.ema_halflives}, {optim.ema_rampup}")
-    if optim.warmup_steps < 0 or optim.grad_clip < 0 or run.eval_samples < 0:
-        fail("--warmup-steps, --grad-clip and --eval-samples must be >= 0")
+    at_least_zero = dict(warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip, eval_samples=run.eval_samples,
+                         workers=cfg.data.workers or 0)
+    for name, value in at_least_zero.items():
+        if not (value >= 0 and math.isfinite(value)):  # written so that nan fails too
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name, value in dict(adam_b1=optim.adam_b1, adam_b2=optim.adam_b2).items():
+        if not 0 <= value < 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if cfg.data.voxel_size is not None and not (cfg.data.voxel_size > 0 and math.isfinite(cfg.data.voxel_size)):
+        fail(f"--voxel-size must be a finite number > 0, got {cfg.data.voxel_size}")
     if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
         fail(f"--patch-size must be >= 1, got {cfg.model.patch_size}")
 

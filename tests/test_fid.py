@@ -167,6 +167,15 @@ def test_evaluate_sweeps_and_gives_the_same_numbers_on_two_ranks(tmp_path, incep
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "missing.pth: no such file" in r.stderr
 
 
+@pytest.mark.parametrize("args,message", [(["--workers", "-1"], "--workers must be >= 0, got -1"),
+                                          (["--omega", "0.5"], "--omega values must be >= 1")])
+def test_bad_evaluate_values_are_one_line_errors(tmp_path, args, message):
+    r = run(1, "--ckpt", str(tmp_path), "--inception", str(tmp_path / "none.pth"), "--reference", str(tmp_path),
+            *args)
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"error: {message}"), r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
 def test_generated_samples_do_not_depend_on_batching():
     from fastmf.inference import generate
     from helpers import tiny_model

@@ -98,6 +98,10 @@ def run_cli(*args):
     (["--model", "mit-q"], "mit-q"),
     (["--data-proportion", "2"], "--data-proportion must be in [0, 1], got 2.0"),
     (["--P-std", "-1"], "--P-std must be > 0"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0, got nan"),
+    (["--workers", "-1"], "--workers must be a finite number >= 0, got -1"),
+    (["--adam-b2", "1.5"], "--adam-b2 must be in [0, 1), got 1.5"),
+    (["--voxel-size", "0"], "--voxel-size must be a finite number > 0, got 0.0"),
 ])
 def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     r = run_cli("train.py", "--out", str(tmp_path / "x"), *args)
