@@ -44,6 +44,8 @@ def check_config(cfg: TrainConfig):
     positive = dict(steps=run.steps, batch_size=cfg.data.batch_size, lr=optim.lr, log_every=run.log_every,
                     sample_every=run.sample_every, ckpt_every=run.ckpt_every, keep_checkpoints=run.keep_checkpoints,
                     max_bad_steps=run.max_bad_steps)
+    if cfg.data.voxel_size is not None:
+        positive["voxel_size"] = cfg.data.voxel_size
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
@@ -59,8 +61,6 @@ def check_config(cfg: TrainConfig):
     for name, value in dict(adam_b1=optim.adam_b1, adam_b2=optim.adam_b2).items():
         if not 0 <= value < 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if cfg.data.voxel_size is not None and not (cfg.data.voxel_size > 0 and math.isfinite(cfg.data.voxel_size)):
-        fail(f"--voxel-size must be a finite number > 0, got {cfg.data.voxel_size}")
     if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
         fail(f"--patch-size must be >= 1, got {cfg.model.patch_size}")
 
