@@ -48,7 +48,8 @@ class Args:
     """Latent models: decode the samples to images with this local diffusers AutoencoderKL folder (the
     training latents' normalisation, recorded in the checkpoint, is undone first)."""
     eval: bool = False
-    """Digits only: print the classifier-agreement / Frechet report of the samples."""
+    """Print the quality report of the samples: digits models the classifier agreement and Frechet distance,
+    phantom3d models precision / recall and the 3D Frechet distance against held-out phantoms."""
 
 
 def main(args: Args):
@@ -63,8 +64,9 @@ def main(args: Args):
     model, params, meta = load_model(args.ckpt, args.weights, device)
     omega = guidance(model, args.omega, (args.t_min, args.t_max))
     num_classes, spec = model.spec.num_classes, model.spec
-    if args.eval and (spec.in_channels, spec.input_size, num_classes) != (1, (8, 8), 10):
-        fail("--eval judges digits: this model does not make 1x8x8 images of 10 classes")
+    trained_on = meta.get("config", {}).get("data", {}).get("data")
+    if args.eval and trained_on not in ("digits", "phantom3d"):
+        fail(f"--eval judges models trained on digits or phantom3d; this one was trained on {trained_on!r}")
     if args.vae and (len(spec.input_size) != 2 or out.name.endswith((".nii.gz", ".nii"))):
         fail("--vae decodes 2D latents to images: this model or --out is not for images")
     if out.name.endswith((".nii.gz", ".nii")) and len(spec.input_size) != 3:
@@ -92,8 +94,13 @@ def main(args: Args):
         out = files[0] if len(files) == 1 else f"{files[0]} ... {files[-1].name}"
     print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {omega}) to {out}")
     if args.eval:
-        from fastmf.eval import digits_report
-        print(json.dumps(digits_report(x.cpu(), labels.cpu())))
+        from fastmf.eval import digits_report, phantom_report
+        try:
+            report = digits_report(x.cpu(), labels.cpu()) if trained_on == "digits" else \
+                phantom_report(x.cpu(), meta["config"]["seed"])
+        except ValueError as e:  # too few samples
+            fail(f"--eval: {e}")
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from fastmf.run_state import RunState, ema_decay, warmup_constant_lr
 from fastmf.sharded_ckpt import list_sharded
 from fastmf.train_step import fast_loss_from_draws
 
+EVAL_CHUNK = 100  # samples per call in the final phantom report
+
 
 def check_config(cfg: TrainConfig):
     run, optim = cfg.run, cfg.optim
@@ -58,6 +60,8 @@ def check_config(cfg: TrainConfig):
     for name, value in at_least_zero.items():
         if not (value >= 0 and math.isfinite(value)):  # written so that nan fails too
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if 0 < run.eval_samples < 4:  # a Frechet distance needs 2 samples, precision / recall k + 1 = 4
+        fail(f"--eval-samples must be 0 (no report) or >= 4, got {run.eval_samples}")
     for name, value in dict(adam_b1=optim.adam_b1, adam_b2=optim.adam_b2).items():
         if not 0 <= value < 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
@@ -146,15 +150,28 @@ def make_perceptual(cfg: TrainConfig, ocfg, sample_shape: tuple, device) -> Perc
         fail(str(e))
 
 
-def digits_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omega: float, out: Path, logger):
-    """The final quality report on digits: the judge's agreement and Frechet distance at 1 NFE."""
-    from fastmf.eval import digits_report
-    labels = torch.arange(cfg.run.eval_samples, device=next(iter(weights.values())).device) % 10
-    report = digits_report(sample_labels(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
-    report |= {"step": step, "nfe": 1, "omega": omega, "n": cfg.run.eval_samples}
+def final_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omega: float, out: Path, logger):
+    """The final quality report at 1 NFE on the built-in data: digits (the judge's agreement and
+    Frechet distance) or phantom3d (precision / recall and Frechet distance against held-out heads)."""
+    from fastmf.eval import digits_report, phantom_report
+    n, device = cfg.run.eval_samples, next(iter(weights.values())).device
+    if cfg.data.data == "digits":
+        labels = torch.arange(n, device=device) % 10
+        report = digits_report(sample_labels(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
+        summary = (f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
+                   f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
+    else:
+        # In chunks: a volume model's attention over all samples at once could fill the memory.
+        labels = torch.zeros(EVAL_CHUNK, dtype=torch.int64, device=device)
+        samples = torch.cat([sample_labels(model, weights, labels[:min(EVAL_CHUNK, n - lo)], cfg.seed + 7 + lo,
+                                           omega).cpu() for lo in range(0, n, EVAL_CHUNK)])
+        report = phantom_report(samples, cfg.seed)
+        summary = (f"phantoms @1 NFE: precision {report['precision']:.3f} / recall {report['recall']:.3f} (real: "
+                   f"{report['precision_real']:.3f} / {report['recall_real']:.3f}), Frechet {report['frechet']:.3f} "
+                   f"(real: {report['frechet_real']:.3f})")
+    report |= {"step": step, "nfe": 1, "omega": omega, "n": n}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
-    print(f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
-          f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
+    print(summary)
     if logger.run is not None:
         logger.run.log({f"eval/{k}": v for k, v in report.items()}, step=step)
 
@@ -422,10 +439,10 @@ def train(run: Run) -> StopSignal:
 def main(cfg: TrainConfig):
     run = setup(cfg)
     stop = train(run)
-    if cfg.data.data == "digits" and cfg.run.eval_samples and not stop.received:
+    if cfg.data.data in ("digits", "phantom3d") and cfg.run.eval_samples and not stop.received:
         sample_model, weights = run.sampling_weights()  # a collective under FSDP: every rank
         if run.dist.is_main:
-            digits_eval(cfg, sample_model, weights, run.state.step, run.eval_omega, run.out, run.logger)
+            final_eval(cfg, sample_model, weights, run.state.step, run.eval_omega, run.out, run.logger)
     if run.dist.is_main:
         run.logger.finish()
     distributed.shutdown()

@@ -1,4 +1,5 @@
-"""fastmf.eval: the digits judge and the Frechet distance measure what they claim."""
+"""fastmf.eval: the digits judge, precision / recall, the Frechet distance and the phantom report
+measure what they claim."""
 import numpy as np
 import pytest
 import torch
@@ -46,3 +47,33 @@ def test_digits_report_small_for_real_large_for_noise():
     # The report's floor is that same real-digit distance at the samples' count.
     assert real["frechet_real"] == pytest.approx(real["frechet"])
     assert digits_report(x_tr[:50], y_tr[:50])["frechet_real"] > real["frechet_real"]
+
+
+def test_precision_recall_by_hand():
+    from fastmf.eval import precision_recall
+    real = np.arange(5.0)[:, None]                       # 0 1 2 3 4: each real ball (k = 1) has radius 1
+    fake = np.array([[0.5], [10.0]])                     # one inside the real manifold, one far out
+    # The fakes' balls have radius 9.5 (each other's distance): they cover all five real points.
+    assert precision_recall(real, fake, k=1) == (0.5, 1.0)
+    # k = 2: real radii 2, 1, 1, 1, 2; fake 5.2 lies 1.2 from 4 (radius 2): inside.
+    assert precision_recall(real, np.array([[5.2], [7.5], [-3.0]]), k=2)[0] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="equal D"):
+        precision_recall(real, np.zeros((3, 2)), k=1)
+    with pytest.raises(ValueError, match="more than k = 3"):
+        precision_recall(real, fake)
+
+
+def test_phantom_report_tells_real_from_noisy_and_blurred_heads():
+    from fastmf.data import make_phantoms
+    from fastmf.eval import phantom_report
+    heads = make_phantoms(300, 16, seed=5)[0]           # neither the training (0) nor the reference (1) seed
+    real = phantom_report(heads, seed=0)
+    assert real["precision_real"] > 0.8 and real["recall_real"] > 0.8
+    assert real["precision"] == pytest.approx(real["precision_real"], abs=0.05)
+    assert real["frechet"] < 2 * real["frechet_real"]
+    noisy = phantom_report(heads + 0.3 * torch.randn(heads.shape, generator=torch.Generator().manual_seed(0)))
+    assert noisy["precision"] < 0.3 and noisy["frechet"] > 2 * noisy["frechet_real"]
+    blurred = phantom_report(torch.nn.functional.avg_pool3d(heads, 3, 1, 1))
+    assert blurred["precision"] < 0.1 and blurred["frechet"] > 10 * blurred["frechet_real"]
+    with pytest.raises(ValueError, match=r"\(N >= 4, 1, S, S, S\)"):
+        phantom_report(heads[:, :, :8])

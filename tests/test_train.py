@@ -73,15 +73,22 @@ def test_batch_without_flow_matching_samples_warns(tmp_path, capsys):
     assert "flow-matching" not in capsys.readouterr().err
 
 
-def test_3d_phantoms_train_and_write_nifti(tmp_path):
+def test_3d_phantoms_train_and_write_nifti(tmp_path, capsys):
     import nibabel as nib
     out = tmp_path / "vol"
     train.main(small(out, data="phantom3d", image_size=16, steps=2, batch_size=2, sample_every=2,
                      ckpt_every=2, log_every=1))
+    report = json.loads((out / "eval.json").read_text())    # the final phantom report, 20 samples
+    assert report["n"] == 20 and 0 <= report["precision"] <= 1 and report["precision_real"] > 0.5
+    assert report["frechet"] > report["frechet_real"] > 0   # 2 steps: far from real heads
     nii = tmp_path / "head.nii.gz"
     sample_script.main(sample_script.Args(ckpt=str(out), out=str(nii), n=2))
     vol = nib.load(str(tmp_path / "head_000.nii.gz")).get_fdata()
     assert vol.shape == (16, 16, 16) and np.isfinite(vol).all()
+    capsys.readouterr()
+    sample_script.main(sample_script.Args(ckpt=str(out), out=str(tmp_path / "s.npz"), n=8, eval=True))
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])   # sample.py --eval: the same report
+    assert printed.keys() == {k for k in report if k not in ("step", "nfe", "omega", "n")}
 
 
 def run_cli(*args):
@@ -102,6 +109,7 @@ def run_cli(*args):
     (["--workers", "-1"], "--workers must be a finite number >= 0, got -1"),
     (["--adam-b2", "1.5"], "--adam-b2 must be in [0, 1), got 1.5"),
     (["--voxel-size", "0"], "--voxel-size must be a finite number > 0, got 0.0"),
+    (["--eval-samples", "2"], "--eval-samples must be 0 (no report) or >= 4, got 2"),
 ])
 def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     r = run_cli("train.py", "--out", str(tmp_path / "x"), *args)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastmf.data.arrays import MAX_CLASSES, LatentShards, load_arrays
-from fastmf.data.builtin import load_digits, make_phantoms
+from fastmf.data.builtin import NUM_PHANTOMS, load_digits, make_phantoms
 from fastmf.data.files import ARRAY_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, _files
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import EpochSampler, TensorSource, step_batches, to_model_range
@@ -42,7 +42,7 @@ def in_memory(x: torch.Tensor, y: torch.Tensor, num_classes: int, affine=None) -
 
 
 def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | None = None, seed: int = 0,
-                 num_phantoms: int = 1024, voxel_size: float | None = None, skip_bad: bool = False) -> Data:
+                 num_phantoms: int = NUM_PHANTOMS, voxel_size: float | None = None, skip_bad: bool = False) -> Data:
     """The source `name_or_path` names (see the module docstring); `size` resizes images and
     volumes (image folders and NIfTI folders need it), `seed` fixes the digits split and phantoms."""
     if name_or_path == "digits":
@@ -76,5 +76,5 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
     return in_memory(x, y, 1, affine.tolist())
 
 
-__all__ = ["Data", "EpochSampler", "IMAGE_SUFFIXES", "MAX_CLASSES", "load_arrays", "load_dataset", "load_digits",
-           "load_volumes", "make_phantoms", "step_batches", "to_model_range"]
+__all__ = ["Data", "EpochSampler", "IMAGE_SUFFIXES", "MAX_CLASSES", "NUM_PHANTOMS", "load_arrays", "load_dataset",
+           "load_digits", "load_volumes", "make_phantoms", "step_batches", "to_model_range"]

@@ -59,6 +59,9 @@ def _quadric_coeffs(center: np.ndarray, axes: np.ndarray, rot: np.ndarray) -> np
                      2 * a[:, 1, 2], b[:, 0], b[:, 1], b[:, 2], c], -1)
 
 
+NUM_PHANTOMS = 1024  # the phantom3d training set's size (load_dataset)
+
+
 def make_phantoms(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random 3D head phantoms in the spirit of Shepp-Logan: x (n, 1, size, size, size), y zeros.
 
