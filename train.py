@@ -159,7 +159,8 @@ def final_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omeg
         labels = torch.arange(n, device=device) % 10
         report = digits_report(sample_labels(model, weights, labels, cfg.seed + 7, omega).cpu(), labels.cpu())
         summary = (f"digits @1 NFE: classifier agreement {report['agreement']:.3f} (judge's own accuracy "
-                   f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} (real: {report['frechet_real']:.2f})")
+                   f"{report['judge_accuracy']:.3f}), Frechet {report['frechet']:.2f} "
+                   f"(real: {report['frechet_real']:.2f})")
     else:
         # In chunks: a volume model's attention over all samples at once could fill the memory.
         labels = torch.zeros(EVAL_CHUNK, dtype=torch.int64, device=device)
