@@ -6,6 +6,8 @@
     torchrun --standalone --nproc_per_node=8 train.py --model mit-b --data latents/ --batch-size 256
 """
 import dataclasses
+import faulthandler
+import gc
 import json
 import math
 import os
@@ -438,6 +440,7 @@ def train(run: Run) -> StopSignal:
 
 
 def main(cfg: TrainConfig):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, for hangs
     run = setup(cfg)
     stop = train(run)
     if cfg.data.data in ("digits", "phantom3d") and cfg.run.eval_samples and not stop.received:
@@ -446,6 +449,8 @@ def main(cfg: TrainConfig):
             final_eval(cfg, sample_model, weights, run.state.step, run.eval_omega, run.out, run.logger)
     if run.dist.is_main:
         run.logger.finish()
+    del run  # the DDP wrapper first, then the process group (distributed.shutdown says why)
+    gc.collect()
     distributed.shutdown()
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
+_held_group = None  # this module's own reference to the default process group: see shutdown
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -76,12 +78,22 @@ def init(device_name: str, resolve) -> Dist:
         round_store = td.PrefixStore(f"fastmf/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=round_store, rank=rank,
                               world_size=world, timeout=timeout)
+    global _held_group
+    _held_group = td.group.WORLD
     return Dist(rank, world, device)
 
 
 def shutdown():
+    """Destroy the process group; call it once the DDP wrapper is freed (train.py: `del run`).
+
+    If DDP's C++ reducer dropped the last reference to a gloo group, the group's destructor would
+    join gloo's worker threads while holding the GIL, and a worker freeing the tensors of the last
+    collective waits for the GIL: a hang at exit (about 1 in 25 CPU runs of 2 processes). So init
+    keeps a Python reference, which outlives the reducer; freeing it releases the GIL first."""
+    global _held_group
     if td.is_initialized():
         td.destroy_process_group()
+    _held_group = None
 
 
 def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
