@@ -440,7 +440,6 @@ def train(run: Run) -> StopSignal:
 
 
 def main(cfg: TrainConfig):
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, for hangs
     run = setup(cfg)
     stop = train(run)
     if cfg.data.data in ("digits", "phantom3d") and cfg.run.eval_samples and not stop.received:
@@ -455,4 +454,5 @@ def main(cfg: TrainConfig):
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, for hangs
     main(parse())
