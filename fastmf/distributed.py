@@ -88,7 +88,7 @@ def shutdown():
 
     If DDP's C++ reducer dropped the last reference to a gloo group, the group's destructor would
     join gloo's worker threads while holding the GIL, and a worker freeing the tensors of the last
-    collective waits for the GIL: a hang at exit (about 1 in 25 CPU runs of 2 processes). So init
+    collective waits for the GIL: a hang at exit (3 in 33 CPU runs of 2 processes). So init
     keeps a Python reference, which outlives the reducer; freeing it releases the GIL first."""
     global _held_group
     if td.is_initialized():
