@@ -126,24 +126,38 @@ def digits_report(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
     }
 
 
-def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
-                     k: int = 3) -> tuple[float, float]:
+def _points(a: torch.Tensor | np.ndarray) -> torch.Tensor:
+    p = torch.as_tensor(_as_numpy(a), dtype=torch.float64)
+    if p.ndim != 2:
+        raise ValueError(f"points must be (N, D), got {tuple(p.shape)}")
+    if not torch.isfinite(p).all():
+        raise ValueError("points contain NaN or inf")
+    return p
+
+
+def knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance (N,) from each point (N, D) to its k-th nearest neighbour other than itself."""
+    if len(points) <= k:
+        raise ValueError(f"need more than k = {k} points per set, got {len(points)}")
+    return torch.cdist(points, points).kthvalue(k + 1, 1).values  # the 1st smallest is the point itself
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of samples (N_f, D) against real
     data (N_r, D): precision is the fraction of samples inside the real data's manifold (the union
     of balls about each real point reaching its k-th nearest real neighbour), recall the fraction
     of real points inside the samples' manifold built the same way. Both depend on N: compare with
-    real data of the same size."""
-    r, f = (torch.as_tensor(_as_numpy(a), dtype=torch.float64) for a in (real, fake))
-    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
-        raise ValueError(f"points must be (N, D) with equal D, got {tuple(r.shape)} and {tuple(f.shape)}")
-    if min(len(r), len(f)) <= k:
-        raise ValueError(f"need more than k = {k} points per set, got {len(r)} and {len(f)}")
-    if not (torch.isfinite(r).all() and torch.isfinite(f).all()):
-        raise ValueError("points contain NaN or inf")
-    # The k-th neighbour other than the point itself: the (k + 1)-th smallest distance.
-    radius_r = torch.cdist(r, r).kthvalue(k + 1, 1).values                   # (N_r,)
-    radius_f = torch.cdist(f, f).kthvalue(k + 1, 1).values                   # (N_f,)
-    d = torch.cdist(f, r)                                                    # (N_f, N_r)
+    real data of the same size. `real_radii` (knn_radii(real, k)) saves recomputing them when one
+    real set judges several sample sets."""
+    r, f = _points(real), _points(fake)
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"points must have equal D, got {tuple(r.shape)} and {tuple(f.shape)}")
+    if real_radii is not None and tuple(real_radii.shape) != (len(r),):
+        raise ValueError(f"real_radii must have shape ({len(r)},), got {tuple(real_radii.shape)}")
+    radius_r = knn_radii(r, k) if real_radii is None else real_radii          # (N_r,)
+    radius_f = knn_radii(f, k)                                                # (N_f,)
+    d = torch.cdist(f, r)                                                     # (N_f, N_r)
     precision = (d <= radius_r[None]).any(1).double().mean().item()
     recall = (d.T <= radius_f[None]).any(1).double().mean().item()
     return precision, recall
@@ -174,8 +188,10 @@ def phantom_report(samples: torch.Tensor | np.ndarray, seed: int = 0, num_refere
     features = RandomConvFeatures()
     with torch.no_grad():
         feats = {name: features(x) for name, x in (("fake", fake), ("train", train), ("reference", reference))}
-    precision, recall = precision_recall(reference.flatten(1), fake.flatten(1))
-    precision_real, recall_real = precision_recall(reference.flatten(1), train.flatten(1))
+    reference_points = reference.flatten(1).double()
+    radii = knn_radii(reference_points, 3)
+    precision, recall = precision_recall(reference_points, fake.flatten(1), real_radii=radii)
+    precision_real, recall_real = precision_recall(reference_points, train.flatten(1), real_radii=radii)
     return {"precision": precision, "recall": recall, "precision_real": precision_real, "recall_real": recall_real,
             "frechet": frechet_distance(feats["fake"], feats["reference"]),
             "frechet_real": frechet_distance(feats["train"], feats["reference"])}

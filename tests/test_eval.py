@@ -50,7 +50,7 @@ def test_digits_report_small_for_real_large_for_noise():
 
 
 def test_precision_recall_by_hand():
-    from fastmf.eval import precision_recall
+    from fastmf.eval import knn_radii, precision_recall
     real = np.arange(5.0)[:, None]                       # 0 1 2 3 4: each real ball (k = 1) has radius 1
     fake = np.array([[0.5], [10.0]])                     # one inside the real manifold, one far out
     # The fakes' balls have radius 9.5 (each other's distance): they cover all five real points.
@@ -61,6 +61,14 @@ def test_precision_recall_by_hand():
         precision_recall(real, np.zeros((3, 2)), k=1)
     with pytest.raises(ValueError, match="more than k = 3"):
         precision_recall(real, fake)
+    # Radii given by the caller are the ones used: knn_radii's give the same answer, zero radii
+    # leave 0.5 (which no real point equals) outside.
+    radii = knn_radii(torch.tensor(real), 1)
+    assert radii.tolist() == [1.0] * 5
+    assert precision_recall(real, fake, k=1, real_radii=radii) == (0.5, 1.0)
+    assert precision_recall(real, fake, k=1, real_radii=torch.zeros(5))[0] == 0.0
+    with pytest.raises(ValueError, match="real_radii must have shape"):
+        precision_recall(real, fake, k=1, real_radii=torch.zeros(4))
 
 
 def test_phantom_report_tells_real_from_noisy_and_blurred_heads():
