@@ -59,7 +59,7 @@ class Args:
     nfe: tuple[int, ...] = (1,)
     """Sampling steps (2: t = 1 -> 0.5 -> 0, as the official samplers)."""
     omega: tuple[float, ...] = ()
-    """CFG scales (default 2 for iMF / pMF; MF models take none)."""
+    """CFG scales (default 2 for iMF / pMF, 1 for models of one class; MF models take none)."""
     interval: tuple[str, ...] = ("0,1",)
     """Guidance intervals as t_min,t_max."""
     recipe: str | None = None

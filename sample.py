@@ -31,8 +31,9 @@ class Args:
     n: int = 10
     """Samples per class when --labels is not given."""
     omega: float | None = None
-    """CFG scale (1 = no guidance); iMF/pMF models take it as an input (default 2). MF models were
-    trained at omega 1 only (their guidance is baked in) and sample at 1."""
+    """CFG scale (1 = no guidance); iMF/pMF models take it as an input (default 2; 1 for models of one
+    class, which have nothing to guide). MF models were trained at omega 1 only (their guidance is
+    baked in) and sample at 1."""
     t_min: float = 0.0
     """Guidance interval start."""
     t_max: float = 1.0

@@ -30,7 +30,7 @@ from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model
 from fastmf.data.loader import flips
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
-from fastmf.inference import sample_labels
+from fastmf.inference import default_omega, sample_labels
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS, ObjectiveConfig, uses_perceptual
 from fastmf.perceptual import Perceptual
@@ -69,6 +69,8 @@ def check_config(cfg: TrainConfig):
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
         fail(f"--patch-size must be >= 1, got {cfg.model.patch_size}")
+    if run.sample_omega is not None and not (run.sample_omega >= 1 and math.isfinite(run.sample_omega)):
+        fail(f"--sample-omega must be a finite number >= 1 (1: no guidance), got {run.sample_omega}")
 
 
 ####################################################################################################
@@ -264,7 +266,10 @@ class Run:
 
     @property
     def eval_omega(self) -> float:
-        return 1.0 if self.ocfg.variant == "mf" else self.cfg.run.sample_omega
+        if self.ocfg.variant == "mf":
+            return 1.0
+        omega = self.cfg.run.sample_omega
+        return default_omega(self.ocfg.num_classes) if omega is None else omega
 
     def sampling_weights(self) -> tuple[Backbone, dict]:
         """The model and EMA weights to sample with (FSDP: gathered into an unsharded copy; a collective)."""

@@ -134,13 +134,16 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "mit-tiny", input_si
     p.add_argument("--depth", type=int, default=None,
                    help="override the preset's depth (trunk + one head), e.g. a shallow model of the same width")
     p.add_argument("--aux-head-depth", type=int, default=None, help="override the preset's head depth (MiT)")
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="1 = unlabelled data: iMF/pMF then train without CFG (omega 1), and the fast step's "
+                        "guidance call holds only the tangent rows")
 
 
 def build_model(args):
-    """The benchmarked model of add_model_args' options (10 classes); ValueError for a bad combination."""
+    """The benchmarked model of add_model_args' options; ValueError for a bad combination."""
     overrides = {k: getattr(args, k) for k in ("depth", "aux_head_depth") if getattr(args, k, None) is not None}
     return build(args.model, args.variant, input_size=tuple(args.input_size), in_channels=args.channels,
-                 patch_size=args.patch_size, num_classes=10, **overrides)
+                 patch_size=args.patch_size, num_classes=args.num_classes, **overrides)
 
 
 def case_plan(variant: str) -> dict:
@@ -296,8 +299,8 @@ def main():
                 q.normal_(0, 0.02)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-    cfg = objective_defaults(args.variant, num_classes=10)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
+    cfg = objective_defaults(args.variant, num_classes=args.num_classes)
     plan = case_plan(args.variant)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name and args.dtype == "bf16"), None)

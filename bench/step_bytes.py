@@ -89,8 +89,8 @@ def measure(args, model, case: str) -> dict:
     apply = functional(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.channels, *args.input_size, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    cfg = objective_defaults(model.record["variant"], num_classes=10)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
+    cfg = objective_defaults(model.record["variant"], num_classes=args.num_classes)
     gen = torch.Generator().manual_seed(0)
     step_loss = lambda x, y, d: loss_fn(apply, params, x, y, d, cfg)  # noqa: E731
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731

@@ -91,8 +91,8 @@ def measure(args, case: str, batch: int, fake: bool = True) -> dict:
         opt = torch.optim.Adam(params.values(), lr=1e-5)
         apply = functional(model)
         x = torch.randn(batch, args.channels, *args.input_size)
-        y = torch.randint(0, 10, (batch,))
-        cfg = objective_defaults(model.record["variant"], num_classes=10)
+        y = torch.randint(0, args.num_classes, (batch,))
+        cfg = objective_defaults(model.record["variant"], num_classes=args.num_classes)
         gen = torch.Generator().manual_seed(0)
         amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
         compute = lambda: loss_fn(apply, params, x, y, draw_fn(x, gen, cfg), cfg)  # noqa: E731

@@ -127,8 +127,9 @@ class RunOptions:
     eval_samples: int = 1000
     """Samples for the final quality report on the built-in data (digits: classifier agreement; phantom3d:
     precision / recall against held-out heads; both a Frechet distance). 0 skips it."""
-    sample_omega: float = 2.0
-    """CFG scale of sample grids and the final evaluation (iMF/pMF; MF has no guidance input: 1)."""
+    sample_omega: float | None = None
+    """CFG scale of sample grids and the final evaluation (iMF/pMF: default 2, 1 for data of one class;
+    MF has no guidance input: 1)."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise; never blocks on the network)."""
     wandb_project: str = "fastmf"

@@ -65,15 +65,21 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     return model, {k: v for k, v in model.named_parameters()}, meta
 
 
+def default_omega(num_classes: int) -> float:
+    """iMF / pMF's default CFG scale: 2, and 1 (no guidance) for models of one class, which have
+    nothing to guide (their conditional and null-class fields are one field)."""
+    return 1.0 if num_classes == 1 else 2.0
+
+
 def guidance(model: Backbone, omega: float | None, interval: tuple[float, float] = (0.0, 1.0)) -> float:
     """The CFG scale to sample at: MF models were trained at omega 1 only (their guidance is baked
-    in) and refuse other settings; iMF / pMF models take omega and the interval as inputs (default
-    omega 2)."""
+    in) and refuse other settings; iMF / pMF models take omega and the interval as inputs (default:
+    `default_omega`)."""
     if model.record["variant"] == "mf":
         if omega not in (None, 1.0) or tuple(interval) != (0.0, 1.0):
             fail("MF models take no guidance inputs: leave --omega and the interval at their defaults")
         return 1.0
-    return 2.0 if omega is None else omega
+    return default_omega(model.spec.num_classes) if omega is None else omega
 
 
 def noise(indices: torch.Tensor, shape: tuple, seed: int, device) -> torch.Tensor:

@@ -46,8 +46,9 @@ class ObjectiveConfig:
     """Adaptive weight L / sg((L + eps)^p): p."""
     class_dropout_prob: float = 0.1
     """Probability that a sample's label is replaced by the null class."""
-    cfg_max: float = 7.0
-    """iMF/pMF: training omega drawn in [1, 1 + cfg_max]."""
+    cfg_max: float | None = None
+    """iMF/pMF: training omega drawn in [1, 1 + cfg_max] (default 7; 0 for data of one class, which has
+    nothing to guide: its conditional and null-class fields are one field)."""
     cfg_beta: float = 1.0
     """iMF/pMF: omega's power-distribution exponent (1: log-uniform)."""
     mf_omega: float = 1.0
@@ -85,7 +86,7 @@ class ObjectiveConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
         checks = [("data_proportion", 0 <= self.data_proportion <= 1, "in [0, 1]"),
                   ("P_std", self.P_std > 0, "> 0"), ("noise_scale", self.noise_scale > 0, "> 0"),
-                  ("norm_eps", self.norm_eps >= 0, ">= 0"), ("cfg_max", self.cfg_max >= 0, ">= 0"),
+                  ("norm_eps", self.norm_eps >= 0, ">= 0"), ("cfg_max", self.cfg_max is None or self.cfg_max >= 0, ">= 0"),
                   ("class_dropout_prob", 0 <= self.class_dropout_prob <= 1, "in [0, 1]"),
                   ("mf_t_start", 0 <= self.mf_t_start <= self.mf_t_end <= 1, "<= --mf-t-end, both in [0, 1]"),
                   ("num_classes", self.num_classes >= 1, ">= 1"),
@@ -96,6 +97,14 @@ class ObjectiveConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)}")
+
+    @property
+    def omega_max(self) -> float:
+        """cfg_max, or its default: 7, and 0 for one class. Resolved here, not in __post_init__:
+        the trainer sets num_classes from the data after the command line is parsed."""
+        if self.cfg_max is not None:
+            return self.cfg_max
+        return 0.0 if self.num_classes == 1 else 7.0
 
 
 def uses_perceptual(cfg: ObjectiveConfig) -> bool:
@@ -161,7 +170,7 @@ def sample_tr(B: int, gen: torch.Generator, like: torch.Tensor, cfg: ObjectiveCo
 
 def sample_omega(u: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
     """Power distribution on [1, 1 + cfg_max] from uniforms u (density ~ omega^-beta)."""
-    log_top = math.log1p(cfg.cfg_max)
+    log_top = math.log1p(cfg.omega_max)
     if cfg.cfg_beta == 1.0:
         return torch.exp(u * log_top)
     b = cfg.cfg_beta
@@ -270,6 +279,11 @@ def mf_guidance_weights(t: torch.Tensor, cfg: ObjectiveConfig) -> tuple[torch.Te
     # Tensors of t's dtype on both sides: a where() of two Python floats would round to float32.
     return (torch.where(inside, torch.full_like(t, cfg.mf_omega), torch.ones_like(t)),
             torch.where(inside, torch.full_like(t, cfg.mf_kappa), torch.zeros_like(t)))
+
+
+def imf_uses_guidance(cfg: ObjectiveConfig) -> bool:
+    """iMF/pMF draw omega > 1 for some samples; else omega is 1 and the CFG target v_g is v_t."""
+    return cfg.omega_max > 0
 
 
 def mf_uses_guidance(cfg: ObjectiveConfig) -> bool:

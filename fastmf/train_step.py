@@ -11,7 +11,8 @@ What differs from the reference computation (each exact, see tests/test_train_st
   and a guidance pass at h = 0 with their own label has exactly the with-grad pass's inputs, so
   its result is that pass's output, detached. iMF: the reference's three v-head passes of B
   samples each (3B) shrink to one no-grad call of B + (B - n_fm) (the unconditional v for all,
-  the interval-masked conditional v for the others). MF with kappa: the reference's 2B u-passes
+  the interval-masked conditional v for the others), and to B - n_fm without CFG (omega 1
+  throughout: one class, or --cfg-max 0). MF with kappa: the reference's 2B u-passes
   shrink to B + (B - n_fm). The tangent is carried for the B - n_fm samples only (a static size,
   so compiled graphs stay static).
 - The loss tail (compound V, squared error per sample, adaptive weight) is one fused kernel
@@ -23,22 +24,28 @@ import torch
 
 from kernels import adaptive_sq_loss
 from fastmf.models import Conditions, Tangent
-from fastmf.objectives import (Draws, ObjectiveConfig, bcast, draw, interpolate, mf_guidance_weights,
-                               mf_uses_guidance, null_dropped, perceptual_term, uses_perceptual)
+from fastmf.objectives import (Draws, ObjectiveConfig, bcast, draw, imf_uses_guidance, interpolate,
+                               mf_guidance_weights, mf_uses_guidance, null_dropped, perceptual_term,
+                               uses_perceptual)
 
 
-def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int):
-    """The guidance v-head passes the with-grad pass cannot stand in for: one call, B + (B - n_fm) samples.
+def fast_guidance(apply: Callable, params: dict, z_t, t, y, d: Draws, n_fm: int, num_classes: int,
+                  guided: bool = True):
+    """The guidance v-head passes the with-grad pass cannot stand in for: one call, B + (B - n_fm) samples,
+    or B - n_fm where omega is 1 throughout (not `guided`: v_g is v_t, no unconditional v is needed).
 
-    Returns v_u (B, C, *S), the unconditional v (null class, omega 1); v_m (B - n_fm, C, *S), the
-    conditional v of samples n_fm: with omega set to 1 outside their interval [t_min, t_max] (the
-    JVP tangent and guidance of those samples); and that scale w (B,).
+    Returns v_u (B, C, *S), the unconditional v (null class, omega 1), None if not guided; v_m
+    (B - n_fm, C, *S), the conditional v of samples n_fm: with omega set to 1 outside their interval
+    [t_min, t_max] (the JVP tangent and guidance of those samples); and that scale w (B,).
     """
     with torch.no_grad():
         B = z_t.shape[0]
         s = slice(n_fm, B)
         ones = torch.ones_like(t)
         w = torch.where((t >= d.t_min) & (t <= d.t_max), d.omega, ones)
+        if not guided:
+            v_m = apply(params, z_t[s], *Conditions.full(t[s], y[s], omega=w[s]), heads="v").v if n_fm < B else z_t[s]
+            return None, v_m, w
         c = Conditions.full(torch.cat([t, t[s]]), torch.cat([torch.full_like(y, num_classes), y[s]]),
                             omega=torch.cat([ones, w[s]]))
         vv = apply(params, torch.cat([z_t, z_t[s]]), *c, heads="v").v             # (2B - n_fm, C, *S)
@@ -70,15 +77,18 @@ def fast_imf_loss_from_draws(apply: Callable, params: dict, x: torch.Tensor, y: 
     t, r = d.t, d.r
     tb, z_t, v_t = interpolate(x, d, cfg)
     y_in = null_dropped(y, d, cfg.num_classes)
-    v_u, v_m, w = fast_guidance(apply, params, z_t, t, y, d, n_fm, cfg.num_classes)
+    v_u, v_m, w = fast_guidance(apply, params, z_t, t, y, d, n_fm, cfg.num_classes, imf_uses_guidance(cfg))
     u, v, du_dt = forward_with_du_dt(apply, params, z_t, t, r, v_m, (d.omega, d.t_min, d.t_max, y_in), n_fm, "uv")
     with torch.no_grad():
         # The reference's conditional guidance pass for FM samples has exactly the with-grad pass's
         # inputs (h = 0, interval [0, 1], label y) wherever its result is used (dropped samples
         # regress v_t), and their w equals omega: their v_c is v, detached.
-        v_c = torch.cat([v[:n_fm], v_m])                                              # (B, C, *S)
-        v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
-        v_g = torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
+        if v_u is None:  # omega 1 everywhere: the reference's v_t + 0 (v_c - v_u)
+            v_g = v_t
+        else:
+            v_c = torch.cat([v[:n_fm], v_m])                                          # (B, C, *S)
+            v_g = v_t + bcast(1 - 1 / w, v_t) * (v_c - v_u)
+            v_g = torch.where(bcast(d.drop_mask, v_t), v_t, v_g)
     loss_u, raw_u = adaptive_sq_loss(u, v_g, du_dt, t - r, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
     loss_v, raw_v = adaptive_sq_loss(v, v_g, eps=cfg.norm_eps, p=cfg.norm_p, backend=loss_backend)
     loss = loss_u + loss_v

@@ -110,6 +110,8 @@ def run_cli(*args):
     (["--adam-b2", "1.5"], "--adam-b2 must be in [0, 1), got 1.5"),
     (["--voxel-size", "0"], "--voxel-size must be a finite number > 0, got 0.0"),
     (["--eval-samples", "2"], "--eval-samples must be 0 (no report) or >= 4, got 2"),
+    (["--sample-omega", "0.5"], "--sample-omega must be a finite number >= 1 (1: no guidance), got 0.5"),
+    (["--cfg-max", "-1"], "--cfg-max must be >= 0"),
 ])
 def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     r = run_cli("train.py", "--out", str(tmp_path / "x"), *args)
@@ -117,7 +119,7 @@ def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     if "error:" in r.stderr:  # ours are single lines; tyro boxes its own parse and constructor errors
         assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
     else:
-        assert args[0] in ("--model", "--data-proportion", "--P-std"), r.stderr
+        assert args[0] in ("--model", "--data-proportion", "--P-std", "--cfg-max"), r.stderr
 
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):

@@ -12,11 +12,13 @@ NC = 5
 
 NO_GUIDANCE, OFFICIAL, OMEGA_ONLY = dict(mf_omega=1.0, mf_kappa=0.0), {}, dict(mf_omega=2.5, mf_kappa=0.0)
 INTERVAL = dict(mf_omega=0.2, mf_kappa=0.92, mf_t_end=0.8)
+UNGUIDED = dict(cfg_max=0.0)  # iMF/pMF without CFG: omega 1 throughout
 
 
 @pytest.mark.parametrize("variant,size,backend,backbone,guidance", [
     ("imf", (8, 8), "torch", "mit", {}), ("imf", (8, 8), "triton", "mit", {}), ("pmf", (8, 8), "torch", "mit", {}),
-    ("imf", (4, 4, 4), "triton", "mit", {}), ("mf", (8, 8), "torch", "mit", NO_GUIDANCE),
+    ("imf", (4, 4, 4), "triton", "mit", {}), ("imf", (8, 8), "torch", "mit", UNGUIDED),
+    ("pmf", (4, 4, 4), "triton", "mit", UNGUIDED), ("mf", (8, 8), "torch", "mit", NO_GUIDANCE),
     ("mf", (4, 4, 4), "triton", "mit", OFFICIAL), ("mf", (8, 8), "torch", "mit", OMEGA_ONLY),
     ("mf", (8, 8), "torch", "dit", NO_GUIDANCE), ("mf", (8, 8), "triton", "dit", OFFICIAL),
     ("mf", (8, 8), "torch", "dit", OMEGA_ONLY), ("mf", (4, 6, 4), "torch", "dit", INTERVAL)])
@@ -48,6 +50,35 @@ def test_fast_loss_equals_reference(variant, size, backend, backbone, guidance):
             assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0), k
         else:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=k)
+
+
+def test_one_class_data_trains_without_guidance_and_the_fast_loss_skips_the_unconditional_pass():
+    from fastmf.objectives import sample_omega
+    u = torch.rand(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert objective_defaults("imf", num_classes=1).omega_max == 0.0
+    assert objective_defaults("imf", num_classes=5).omega_max == 7.0
+    assert objective_defaults("imf", num_classes=1, cfg_max=3.0).omega_max == 3.0   # asked for: kept
+    assert torch.equal(sample_omega(u, objective_defaults("pmf", num_classes=1, cfg_beta=2.0)), torch.ones(100))
+    assert sample_omega(u, objective_defaults("pmf", num_classes=5)).max() > 2.0
+
+    model = tiny_model("imf", input_size=(8, 8), num_classes=1)
+    apply, params = functional(model)
+    rows = []
+
+    def counting(*args, heads, **kw):
+        if not torch.is_grad_enabled():  # the guidance passes run without grad
+            rows.append(args[1].shape[0])
+        return apply(*args, heads=heads, **kw)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64), torch.zeros(8, dtype=torch.int64)
+    for cfg_max, want_rows in ((None, 4), (2.0, 8 + 4)):   # B - n_fm = 4 tangent rows; + B unconditional
+        cfg = objective_defaults("imf", num_classes=1, cfg_max=cfg_max)
+        d = draw(x, torch.Generator().manual_seed(2), cfg)
+        rows.clear()
+        fast, _ = fast_imf_loss_from_draws(counting, params, x, y, d, cfg, loss_backend="torch")
+        ref, _ = imf_loss_from_draws(apply, params, x, y, d, cfg)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        assert rows == [want_rows], (cfg_max, rows)
 
 
 def test_fast_loss_fp32_matches_reference_and_draws_like_it():
