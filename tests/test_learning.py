@@ -12,7 +12,7 @@ def final_report(out, **flags) -> dict:
 
 def test_digits_imf_run_gives_class_conditional_digits(tmp_path):
     # 400 steps, about a minute: measured agreement 0.98, Frechet 5.8 (real digits 0.57). Untrained
-    # samples are noise: the judge puts them in one or two classes (~0.1), Frechet ~40.
+    # samples are noise: measured agreement 0.12, Frechet 45.
     report = final_report(tmp_path / "digits", steps=400, batch_size=64, warmup_steps=50, log_every=100,
                           sample_every=10_000, ckpt_every=10_000, eval_samples=500, seed=3)
     assert report["agreement"] >= 0.9 and report["frechet"] < 10, report
