@@ -86,7 +86,8 @@ class ObjectiveConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
         checks = [("data_proportion", 0 <= self.data_proportion <= 1, "in [0, 1]"),
                   ("P_std", self.P_std > 0, "> 0"), ("noise_scale", self.noise_scale > 0, "> 0"),
-                  ("norm_eps", self.norm_eps >= 0, ">= 0"), ("cfg_max", self.cfg_max is None or self.cfg_max >= 0, ">= 0"),
+                  ("norm_eps", self.norm_eps >= 0, ">= 0"),
+                  ("cfg_max", self.cfg_max is None or self.cfg_max >= 0, ">= 0"),
                   ("class_dropout_prob", 0 <= self.class_dropout_prob <= 1, "in [0, 1]"),
                   ("mf_t_start", 0 <= self.mf_t_start <= self.mf_t_end <= 1, "<= --mf-t-end, both in [0, 1]"),
                   ("num_classes", self.num_classes >= 1, ">= 1"),
