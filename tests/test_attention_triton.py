@@ -43,8 +43,9 @@ def assert_close(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=tol)
 
 
-def check_against_reference(q, k, v, tangents, grad_o):
+def check_against_reference(q, k, v, tangents, grad_o, grad_tol=None):
     o_tol, d_tol = TOL[q.dtype]
+    grad_tol = d_tol if grad_tol is None else grad_tol
     o_ref, t_ref, grads_ref = reference(q, k, v, tangents, grad_o)
 
     o, t = torch.func.jvp(triton, (q, k, v), tangents)
@@ -60,7 +61,7 @@ def check_against_reference(q, k, v, tangents, grad_o):
     grads = torch.autograd.grad(triton(qs, ks, vs), (qs, ks, vs), grad_o)
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == q.dtype
-        assert_close(g, g_ref, d_tol)
+        assert_close(g, g_ref, grad_tol)
 
     # The hand-written-JVP entry point (custom ops): O differentiable, dO stop-grad.
     o, t = attention_with_tangent(qs, ks, vs, *tangents, backend="triton")
@@ -68,7 +69,7 @@ def check_against_reference(q, k, v, tangents, grad_o):
     assert_close(o.detach(), o_ref, o_tol)
     assert_close(t, t_ref, d_tol)
     for g, g_ref in zip(torch.autograd.grad(o, (qs, ks, vs), grad_o), grads_ref):
-        assert_close(g, g_ref, d_tol)
+        assert_close(g, g_ref, grad_tol)
 
 
 @pytest.mark.parametrize("B,H,N,D", [(1, 1, 1, 16), (2, 2, 1, 32), (1, 2, 17, 16), (2, 1, 17, 32),
@@ -374,7 +375,15 @@ def rising_keys(B, H, N, D, dtype, rise):
 @pytest.mark.parametrize("N,D", [(208, 64), (208, 128)] if CUDA else [(100, 32)])
 def test_lazy_rescale_matches_math_attention(dtype, rise, N, D, lazy_rescale):
     q, k, v, dq, dk, dv, go = rising_keys(1, 2, N, D, dtype, rise)
-    check_against_reference(q, k, v, (dq, dk, dv), go)
+    # The flash backward recomputes P = exp(s - lse): s and lse carry their own rounding, about
+    # max|s| eps each, as a relative error of every P (math attention's s - max is exact instead),
+    # and dV sums N such P dO. Rise 80 makes max|s| ~ 190: a bound of 2 max|s| eps max|dO| sqrt(N)
+    # (here 1.9e-3; measured 2.1e-4 in the interpreter on an AMD EPYC, where fp32 math attention is
+    # off by 7e-5; under 1e-4 on the machine before). At rise 1 (max|s| ~ 3) and for fp16 (s is
+    # accumulated in fp32: max|s| 24, bound 2e-4) TOL's own tolerance is the larger: unchanged.
+    logit_max = (q.double() @ k.double().transpose(-1, -2)).abs().max().item() * D ** -0.5
+    bound = 2 * logit_max * torch.finfo(torch.float32).eps * go.abs().max().item() * N ** 0.5  # s is fp32
+    check_against_reference(q, k, v, (dq, dk, dv), go, grad_tol=max(TOL[dtype][1], bound))
     o_lazy, _, t_lazy = lazy_rescale._flash_forward(q, k, v, dq, dk, dv, q.shape[-1] ** -0.5)
     lazy_rescale.set_rescale("always")
     o, _, t = lazy_rescale._flash_forward(q, k, v, dq, dk, dv, q.shape[-1] ** -0.5)
