@@ -39,7 +39,7 @@ def test_fake_prediction_equals_the_real_step(case):
     if torch.cuda.is_available():  # conftest.py picks the interpreter only where there is no GPU
         pytest.skip("the real CPU step's tangent attention needs the Triton interpreter (CPU-only machines)")
     args = argparse.Namespace(model="mit-tiny", variant=None, input_size=[8, 8], channels=1, patch_size=2,
-                              dtype="bf16")
+                              num_classes=10, dtype="bf16")
     fake, real = step_memory.measure(args, case, 8), step_memory.measure(args, case, 8, fake=False)
     assert fake["saved_activation_MiB"] == real["saved_activation_MiB"] > 1
     assert fake["state_MiB"] == real["state_MiB"] > 0
@@ -58,7 +58,8 @@ def test_fit_finds_the_largest_batch(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench/step_memory.py"), *args], check=True, capture_output=True,
                    timeout=600)
     (r,) = json.loads(out.read_text())["results"]
-    ns = argparse.Namespace(model="mit-tiny", variant=None, input_size=[8, 8], channels=1, patch_size=2, dtype="bf16")
+    ns = argparse.Namespace(model="mit-tiny", variant=None, input_size=[8, 8], channels=1, patch_size=2, num_classes=10,
+                            dtype="bf16")
     assert r["batch"] > 1 and r["total_MiB"] <= 0.0145 * 1024
     assert step_memory.measure(ns, "fast", r["batch"] + 1)["total_MiB"] > 0.0145 * 1024
 
