@@ -23,6 +23,7 @@ def test_phantom_pmf_run_gives_heads(tmp_path):
     # 0.37 / 0.46, Frechet 1.7 / 1.7 at seeds 4 / 5 (real heads 0.25 at 200 samples); the untrained
     # model 0.00 and about 60.
     report = final_report(tmp_path / "heads", data="phantom3d", image_size=16, patch_size=4, variant="pmf",
-                          lr=3e-3, P_mean=-0.4, P_std=1.0, data_proportion=0.1, steps=400, batch_size=32, warmup_steps=100,
-                          log_every=100, sample_every=10_000, ckpt_every=10_000, eval_samples=200, seed=4)
+                          lr=3e-3, P_mean=-0.4, P_std=1.0, data_proportion=0.1, steps=400, batch_size=32,
+                          warmup_steps=100, log_every=100, sample_every=10_000, ckpt_every=10_000,
+                          eval_samples=200, seed=4)
     assert report["precision"] >= 0.1 and report["frechet"] < 5.0, report
