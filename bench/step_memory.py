@@ -12,7 +12,8 @@ the primal attention, and for rows with a tangent the fused attention op (its fa
 in for the Triton launch: it returns what the GPU kernel allocates).
 
 Per case: the step's matmul FLOPs (counted as bench/jvp_throughput.py counts them: shapes are all
-they need), saved activations and step peak as jvp_throughput.py measures them (the most bytes live
+they need), the aten ops the loss and its backward dispatch on the GPU's path (what an eager step
+pays in launches and CPU dispatch; the draws and Adam left out), saved activations and step peak as jvp_throughput.py measures them (the most bytes live
 during a step above what was live before it: gradients of the previous step, freed by zero_grad,
 count as live before), the persistent state (fp32 weights, gradients, Adam's two moments) and
 total = state + step peak. Not counted: the CUDA context, cuBLAS / cuDNN workspaces and allocator
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmf.models import functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
-from jvp_throughput import add_model_args, build_model, case_plan, saved_bytes  # noqa: E402
+from jvp_throughput import OpCounter, add_model_args, build_model, case_plan, saved_bytes  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
 MiB = 2**20
@@ -115,9 +116,17 @@ def measure(args, case: str, batch: int, fake: bool = True) -> dict:
             step()
         state = sum(t.nbytes for t in tree_leaves([params, [p.grad for p in params.values()], opt.state_dict()["state"]])
                     if isinstance(t, torch.Tensor))
+        # What the eager GPU step dispatches for loss and backward (each op at least a kernel launch
+        # or a CPU-side dispatch), without the draws and Adam (fused on CUDA, a loop per tensor here).
+        ops = OpCounter()
+        with amp(), ops:
+            loss, _ = compute()
+        with ops:
+            loss.backward()
     peak = tracker.peak - before
     return {"case": case, "batch": batch, "saved_activation_MiB": saved / MiB, "step_peak_MiB": peak / MiB,
-            "state_MiB": state / MiB, "total_MiB": (state + peak) / MiB, "gflop_per_step": flops / 1e9}
+            "state_MiB": state / MiB, "total_MiB": (state + peak) / MiB, "gflop_per_step": flops / 1e9,
+            "aten_ops_loss_backward": ops.n}
 
 
 def largest_batch(args, case: str, capacity_mib: float) -> dict | None:
@@ -171,17 +180,19 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"predicted_on": "fake tensors (no device)", "torch": torch.__version__, "args": vars(args), "tokens": tokens}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print("\n| case | batch | GFLOP/step | saved act. MiB | step peak MiB | state MiB | total GiB |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| case | batch | GFLOP/step | aten ops (loss + backward) | saved act. MiB | step peak MiB | state MiB "
+          "| total GiB |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | {r['error']} | | | | | |")
+            print(f"| {r['case']} | {r['error']} | | | | | | |")
         else:
-            print(f"| {r['case']} | {r['batch']} | {r['gflop_per_step']:.0f} | {r['saved_activation_MiB']:.0f} "
-                  f"| {r['step_peak_MiB']:.0f} | {r['state_MiB']:.0f} | {r['total_MiB'] / 1024:.1f} |")
-    flops = {r["case"]: r["gflop_per_step"] for r in results if "error" not in r}
-    if "fm" in flops and "fast" in flops and not args.fit:
-        print(f"fast/fm FLOPs: {flops['fast'] / flops['fm']:.3f}")
+            print(f"| {r['case']} | {r['batch']} | {r['gflop_per_step']:.0f} | {r['aten_ops_loss_backward']} "
+                  f"| {r['saved_activation_MiB']:.0f} | {r['step_peak_MiB']:.0f} | {r['state_MiB']:.0f} "
+                  f"| {r['total_MiB'] / 1024:.1f} |")
+    done = {r["case"]: r for r in results if "error" not in r}
+    if "fm" in done and "fast" in done and not args.fit:
+        for key, name in (("gflop_per_step", "FLOPs"), ("aten_ops_loss_backward", "aten ops")):
+            print(f"fast/fm {name}: {done['fast'][key] / done['fm'][key]:.3f}")
     print(f"wrote {args.out}")
 
 

@@ -33,8 +33,8 @@ def test_live_bytes_counts_each_storage_once_until_freed():
 
 @pytest.mark.parametrize("case", ["fm", "naive", "fast"])
 def test_fake_prediction_equals_the_real_step(case):
-    """mit-tiny, bf16 autocast on CPU: the fake step saves exactly the real step's bytes and peaks at
-    its bytes. fast's real tangent attention runs in the Triton interpreter, which copies each
+    """mit-tiny, bf16 autocast on CPU: the fake step saves exactly the real step's bytes, peaks at
+    its bytes and dispatches its ops. fast's real tangent attention runs in the Triton interpreter, which copies each
     kernel argument for the launch (a GPU does not): its real peak is a little higher."""
     if torch.cuda.is_available():  # conftest.py picks the interpreter only where there is no GPU
         pytest.skip("the real CPU step's tangent attention needs the Triton interpreter (CPU-only machines)")
@@ -44,6 +44,11 @@ def test_fake_prediction_equals_the_real_step(case):
     assert fake["saved_activation_MiB"] == real["saved_activation_MiB"] > 1
     assert fake["state_MiB"] == real["state_MiB"] > 0
     assert fake["gflop_per_step"] == real["gflop_per_step"] > 0
+    # The real CPU step also reads t and y for the backbone's value checks (CPU tensors only, 5 ops
+    # each), once per backbone call: fm 1, naive 3 (two guidance passes and the JVP), fast 2.
+    calls = {"fm": 1, "naive": 3, "fast": 2}[case]
+    assert real["aten_ops_loss_backward"] - fake["aten_ops_loss_backward"] == 10 * calls
+    assert fake["aten_ops_loss_backward"] > 1000
     if case == "fast":
         assert 0 <= real["step_peak_MiB"] - fake["step_peak_MiB"] < 0.02 * real["step_peak_MiB"]
     else:

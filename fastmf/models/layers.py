@@ -16,7 +16,8 @@ from kernels import attention, attention_with_tangent
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types (the references upcast norms, RoPE and embeddings), fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
+    # A comparison, not torch.promote_types, which dispatches an aten op (about 280 per MiT-B step).
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class RMSNorm(nn.Module):
@@ -34,13 +35,15 @@ class RMSNorm(nn.Module):
         return xc.to(x.dtype) * self.weight
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, dy); see `tail` for the shapes. d(x r) = r dx - x r^3 mean(x dx), r = rsqrt(mean(x^2) + eps)."""
+        """(y, dy); see `tail` for the shapes. With r = rsqrt(mean(x^2) + eps) and n = x r,
+        d(x r) = r dx - x r^3 mean(x dx) = r (dx - n mean(n dx))."""
         y = self(x)
         with torch.no_grad():
             ct = compute_dtype(x.dtype)
             xc, dxc = tail(x, dx).to(ct), dx.to(ct)
             r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-            dn = r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)
+            n = xc * r
+            dn = r * (dxc - n * (n * dxc).mean(-1, keepdim=True))
             return y, dn.to(dx.dtype) * self.weight
 
 
@@ -58,14 +61,16 @@ class LayerNorm(nn.Module):
         return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, dy): with centred xc, dxc and r = rsqrt(mean(xc^2) + eps), dy = r dxc - xc r^3 mean(xc dxc)."""
+        """(y, dy): with centred xc, dxc, r = rsqrt(mean(xc^2) + eps) and n = xc r,
+        dy = r dxc - xc r^3 mean(xc dxc) = r (dxc - n mean(n dxc))."""
         y = self(x)
         with torch.no_grad():
             ct = compute_dtype(x.dtype)
             xc, dxc = tail(x, dx).to(ct), dx.to(ct)
             xc, dxc = xc - xc.mean(-1, keepdim=True), dxc - dxc.mean(-1, keepdim=True)
             r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-            return y, (r * dxc - xc * r.pow(3) * (xc * dxc).mean(-1, keepdim=True)).to(dx.dtype)
+            n = xc * r
+            return y, (r * (dxc - n * (n * dxc).mean(-1, keepdim=True))).to(dx.dtype)
 
 
 def stacked_weight(*linears: nn.Linear) -> torch.Tensor:
@@ -122,13 +127,18 @@ def attention_tail_tangent(q, k, v, dq, dk, dv, backend: str) -> tuple[torch.Ten
     """Attention of all B samples (q, k, v (B, H, N, D)) and its tangent for the last Bt (dq, dk, dv
     (Bt, H, N, D)): each sample's attention is computed once, plain for the first B - Bt, one fused
     pass giving O (differentiable) and dO (stop-grad) for the rest. Returns o (B, ...), do (Bt, ...)."""
-    n = q.shape[0] - dq.shape[0]
-    o, do = attention_with_tangent(q[n:], k[n:], v[n:], dq, dk, dv, backend=backend)
-    if n:
-        # Joined token-major (B, N, H, Dh), the fused kernels' layout, so that the caller's
-        # o.transpose(1, 2).reshape(B, N, C) stays a view.
-        plain = attention(q[:n], k[:n], v[:n], backend=backend)
-        o = torch.cat([plain.transpose(1, 2), o.transpose(1, 2)]).transpose(1, 2)
+    Bt = dq.shape[0]
+    n = q.shape[0] - Bt
+    if not n:
+        return attention_with_tangent(q, k, v, dq, dk, dv, backend=backend)
+    # One split, not two slices: its backward is one cat of the two row blocks' gradients, where
+    # each slice's backward writes a zero-filled full-batch gradient and the two are then added.
+    (q0, q1), (k0, k1), (v0, v1) = (x.split([n, Bt]) for x in (q, k, v))
+    o, do = attention_with_tangent(q1, k1, v1, dq, dk, dv, backend=backend)
+    plain = attention(q0, k0, v0, backend=backend)
+    # Joined token-major (B, N, H, Dh), the fused kernels' layout, so that the caller's
+    # o.transpose(1, 2).reshape(B, N, C) stays a view.
+    o = torch.cat([plain.transpose(1, 2), o.transpose(1, 2)]).transpose(1, 2)
     return o, do
 
 
@@ -255,7 +265,8 @@ def sincos_embedding(grid: tuple[int, ...], dim: int, theta: float = 10000.0) ->
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, N, H, D) by angles given as cos/sin (N, D/2).
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, N, H, D) by angles given as cos/sin
+    (N, 1, D/2): shaped once per network call to broadcast over the batch and the heads.
 
     Computed in fp32 (fp64 for fp64 inputs) as the references do; returns that dtype. Eager: one
     complex multiply (fewer dispatches than the real form, which counts twice under a JVP).
@@ -267,11 +278,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if torch.compiler.is_compiling():
         xc = x.to(ct)
         swapped = xc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)                   # (x1, x0, x3, x2, ...)
-        c = cos.to(ct).repeat_interleave(2, -1)[None, :, None]                      # (1, N, 1, D)
-        s = torch.stack([-sin, sin], dim=-1).flatten(-2).to(ct)[None, :, None]     # (1, N, 1, D)
+        c = cos.to(ct).repeat_interleave(2, -1)                                     # (N, 1, D)
+        s = torch.stack([-sin, sin], dim=-1).flatten(-2).to(ct)                     # (N, 1, D)
         return xc * c + swapped * s                                                 # (B, N, H, D)
     pairs = torch.view_as_complex(x.to(ct).unflatten(-1, (-1, 2)).contiguous())    # (B, N, H, D/2)
-    rot = torch.complex(cos.to(ct), sin.to(ct))[None, :, None]                      # (1, N, 1, D/2)
+    rot = torch.complex(cos.to(ct), sin.to(ct))                                     # (N, 1, D/2)
     return torch.view_as_real(pairs * rot).flatten(-2)                              # (B, N, H, D)
 
 

@@ -290,8 +290,8 @@ class MiT(Backbone):
 
     def predict(self, z: torch.Tensor, c: Conditions, heads: str, tangent: Tangent | None) -> Prediction:
         seq = self.build_sequence(z, c.h, c.omega, c.t_min, c.t_max, c.y)          # (B, N, C)
-        # RoPE's tables in its compute dtype, cast once per call rather than in every block.
-        rope = tuple(t.to(compute_dtype(seq.dtype)) for t in (self.rope_cos, self.rope_sin))  # (N, Dh/2) each
+        # RoPE's tables in its compute dtype and shaped for apply_rope once per call, not in every block.
+        rope = tuple(t.to(compute_dtype(seq.dtype))[:, None] for t in (self.rope_cos, self.rope_sin))  # (N, 1, Dh/2)
         if tangent is not None:
             return self._predict_with_tangent(z, seq, c, heads, tangent, rope)
         seq = self._run(self.shared_blocks, seq, rope)
