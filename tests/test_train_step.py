@@ -145,17 +145,18 @@ def test_tangent_pass_compiles_as_one_graph_with_triton_attention():
     torch.testing.assert_close(u, u_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["imf", "pmf", "mf"])
-def test_whole_fast_step_compiles_as_one_graph_on_the_cuda_path(variant):
+@pytest.mark.parametrize("variant,size", [("imf", (8, 8)), ("pmf", (8, 8)), ("mf", (8, 8)), ("pmf", (4, 6, 4))])
+def test_whole_fast_step_compiles_as_one_graph_on_the_cuda_path(variant, size):
     """Loss and backward of the fast step, dispatched as on CUDA (SDPA primal passes, the fused
     Triton forward+tangent op, the Triton loss ops), compile with fullgraph=True and match the
-    reference objective. Draws stay outside the graph (explicit generators do not trace)."""
-    model = tiny_model(variant, dtype=torch.float32, num_classes=NC, depth=2,
+    reference objective. Draws stay outside the graph (explicit generators do not trace). The
+    volume case is what bench/gpu_run.sh's 3dcompiled stage compiles (axial RoPE over 3 axes)."""
+    model = tiny_model(variant, input_size=size, dtype=torch.float32, num_classes=NC, depth=2,
                        aux_head_depth=1)
     _, params = functional(model)
     apply, _ = functional(model)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 2, 8, 8, generator=g)
+    x = torch.randn(6, 2, *size, generator=g)
     y = torch.randint(0, NC, (6,), generator=g)
     cfg = objective_defaults(variant, num_classes=NC, class_dropout_prob=0.3)
     d = draw(x, g, cfg)
