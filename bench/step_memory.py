@@ -13,13 +13,14 @@ in for the Triton launch: it returns what the GPU kernel allocates).
 
 Per case: the step's matmul FLOPs (counted as bench/jvp_throughput.py counts them: shapes are all
 they need), the aten ops the loss and its backward dispatch on the GPU's path (what an eager step
-pays in launches and CPU dispatch; the draws and Adam left out), saved activations and step peak as jvp_throughput.py measures them (the most bytes live
-during a step above what was live before it: gradients of the previous step, freed by zero_grad,
-count as live before), the persistent state (fp32 weights, gradients, Adam's two moments) and
-total = state + step peak. Not counted: the CUDA context, cuBLAS / cuDNN workspaces and allocator
-rounding (together about 1 GiB). Eager steps: a compiled step keeps less (the H100 measured
-6218 MiB compiled against 9959 MiB eager for fast MiT-B/2 at batch 32). pMF's perceptual networks
-are not in the step, as in jvp_throughput.py. JSON goes to --out.
+pays in launches and CPU dispatch; the draws and Adam left out), saved activations and step peak
+as jvp_throughput.py measures them (the most bytes live during a step above what was live before
+it: gradients of the previous step, freed by zero_grad, count as live before), the persistent
+state (fp32 weights, gradients, Adam's two moments) and total = state + step peak. Not counted:
+the CUDA context, cuBLAS / cuDNN workspaces and allocator rounding (together about 1 GiB). Eager
+steps: a compiled step keeps less (the H100 measured 6218 MiB compiled against 9959 MiB eager for
+fast MiT-B/2 at batch 32). pMF's perceptual networks are not in the step, as in jvp_throughput.py.
+JSON goes to --out.
 """
 import argparse
 import contextlib
