@@ -9,7 +9,9 @@ a 64^3 volume takes seconds on a CPU and needs no GPU. A dispatch mode follows e
 step allocates and frees. As on the GPU: bf16 autocast (CPU autocast on fake CPU tensors casts
 linear, matmul and SDPA as CUDA's does; norms compute in fp32 as the model writes them), SDPA for
 the primal attention, and for rows with a tangent the fused attention op (its fake kernel stands
-in for the Triton launch: it returns what the GPU kernel allocates).
+in for the Triton launch: it returns what the GPU kernel allocates), and F.rms_norm as a CUDA build
+dispatches it: one fused op forward and one backward, where a CPU build runs five ops and their
+backward ops (a stand-in pair with the fused op's outputs and saved tensors, `cuda_rms_norm`).
 
 Per case: the step's matmul FLOPs (counted as bench/jvp_throughput.py counts them: shapes are all
 they need), the aten ops the loss and its backward dispatch on the GPU's path (what an eager step
@@ -29,10 +31,12 @@ import os
 import sys
 import time
 import weakref
+from unittest import mock
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the fused attention op's checks pass on CPU
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
@@ -45,6 +49,64 @@ from jvp_throughput import OpCounter, add_model_args, build_model, case_plan, sa
 from kernels.flops import count_flops  # noqa: E402
 
 MiB = 2**20
+
+
+# F.rms_norm as a CUDA build runs it: aten._fused_rms_norm (output and rstd; autograd saves the input
+# and rstd) and aten._fused_rms_norm_backward, one dispatch each. A CPU build decomposes it (pow,
+# mean, add, rsqrt, mul and their backward ops), which would count some 1,400 ops a MiT-B/2 step
+# does not dispatch on a GPU. Values are exact, so the real CPU step stays a true step.
+@torch.library.custom_op("step_memory::fused_rms_norm", mutates_args=())
+def fused_rms_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rstd = torch.rsqrt(x.to(_acc(x)).pow(2).mean(-1, keepdim=True) + eps)         # (..., 1)
+    return (x * rstd).to(x.dtype), rstd
+
+
+@fused_rms_norm.register_fake
+def _(x, eps):
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=_acc(x))
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """rstd's dtype: CUDA's accumulate type (fp32 for half types and fp32, fp64 for fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("step_memory::fused_rms_norm_backward", mutates_args=())
+def fused_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    n = x * rstd
+    return (rstd * (grad - n * (n * grad).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@fused_rms_norm_backward.register_fake
+def _(grad, x, rstd):
+    return torch.empty_like(x)
+
+
+def _save_input_and_rstd(ctx, inputs, output):
+    # rstd has no gradient and its undefined one stays undefined: otherwise autograd would dispatch
+    # a detach and a zeros per norm that CUDA's op does not.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _rms_norm_backward(ctx, grad, _grad_rstd):
+    return None if grad is None else fused_rms_norm_backward(grad, *ctx.saved_tensors), None
+
+
+fused_rms_norm.register_autograd(_rms_norm_backward, setup_context=_save_input_and_rstd)
+
+
+def cuda_rms_norm():
+    """F.rms_norm dispatched as on CUDA, for the norms fastmf writes (no weight, last dim). Under
+    torch.func.jvp (the naive step's tangent pass) it stays decomposed: the stand-in has no JVP rule."""
+    plain = F.rms_norm
+
+    def rms_norm(x, normalized_shape, weight=None, eps=None):
+        if weight is not None or len(normalized_shape) != 1 or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return plain(x, normalized_shape, weight, eps)
+        return fused_rms_norm(x, torch.finfo(x.dtype).eps if eps is None else eps)[0]
+    return mock.patch.object(F, "rms_norm", rms_norm)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -83,7 +145,7 @@ class LiveBytes(TorchDispatchMode):
 def measure(args, case: str, batch: int, fake: bool = True) -> dict:
     """Memory of one step of `case` at `batch` (MiB), on fake tensors or (fake=False, to check
     the prediction) on real CPU tensors."""
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+    with FakeTensorMode() if fake else contextlib.nullcontext(), cuda_rms_norm():
         model = build_model(args)
         draw_fn, loss_fn, attn = case_plan(model.record["variant"])[case]
         # "auto" on a CPU would pick math attention for the tangent rows; the GPU's choice is

@@ -31,6 +31,26 @@ def test_live_bytes_counts_each_storage_once_until_freed():
     assert tracker.now == 40
 
 
+
+def test_rms_norm_is_counted_as_cuda_dispatches_it_with_the_same_values():
+    """The stand-in for CUDA's fused RMSNorm: F.rms_norm's value and gradient (fp64, to rounding),
+    one op forward and one backward, where the CPU's decomposition dispatches many."""
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+
+    def run():
+        counter = step_memory.OpCounter()
+        with counter:
+            y = torch.nn.functional.rms_norm(x, (7,), eps=1e-6)
+            (dx,) = torch.autograd.grad(y, x, g)
+        return y, dx, counter.n
+    y_ref, dx_ref, ops_ref = run()
+    with step_memory.cuda_rms_norm():
+        y, dx, ops = run()
+    torch.testing.assert_close(y, y_ref, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-14, atol=1e-14)
+    assert ops == 2 < ops_ref
+
 @pytest.mark.parametrize("case", ["fm", "naive", "fast"])
 def test_fake_prediction_equals_the_real_step(case):
     """mit-tiny, bf16 autocast on CPU: the fake step saves exactly the real step's bytes, peaks at
