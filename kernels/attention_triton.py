@@ -457,6 +457,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse, o_t = output
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, o, lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the stop-grad lse and dO
         if o_t is None:
             ctx.mark_non_differentiable(lse)
         else:
@@ -474,6 +475,8 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o, _grad_lse, _grad_o_t):
+        if grad_o is None:  # O unused
+            return (None,) * 7
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _flash_backward(q, k, v, o, lse, grad_o, ctx.scale)
         return dq, dk, dv, None, None, None, None
@@ -556,13 +559,18 @@ def _(q, k, v, o, lse, grad_o, scale):
 
 def _save_for_backward(ctx, inputs, output):
     q, k, v, _, _, _, scale = inputs
-    o, lse, _ = output
+    o, lse, o_t = output
     ctx.scale = scale
     ctx.save_for_backward(q, k, v, o, lse)
+    # lse and the tangent dO are stop-grad outputs: no gradient for them, not even zeros (autograd
+    # would otherwise fill a dO-sized zero tensor per call to hand to backward).
+    ctx.mark_non_differentiable(lse, o_t)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_o, _grad_lse, _grad_o_t):
-    # O only: lse and the tangent dO are stop-grad outputs.
+    if grad_o is None:  # O unused by the loss
+        return (None,) * 7
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = _flash_backward_op(q, k, v, o, lse, grad_o, ctx.scale)
     return dq, dk, dv, None, None, None, None
@@ -583,4 +591,4 @@ def triton_attention_with_tangent(q, k, v, dq, dk, dv, scale: float):
     # the op that made the tangent.
     o, _, do = _flash_with_tangent_op(q, k, v, (dq * scale).to(q.dtype), (dk * scale).to(q.dtype),
                                       dv.to(q.dtype), scale)
-    return o, do.detach()
+    return o, do
