@@ -31,8 +31,8 @@ import os
 import sys
 import time
 import weakref
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the fused attention op's checks pass on CPU
 import torch  # noqa: E402

@@ -31,7 +31,6 @@ def test_live_bytes_counts_each_storage_once_until_freed():
     assert tracker.now == 40
 
 
-
 def test_rms_norm_is_counted_as_cuda_dispatches_it_with_the_same_values():
     """The stand-in for CUDA's fused RMSNorm: F.rms_norm's value and gradient (fp64, to rounding),
     one op forward and one backward, where the CPU's decomposition dispatches many."""
@@ -50,6 +49,7 @@ def test_rms_norm_is_counted_as_cuda_dispatches_it_with_the_same_values():
     torch.testing.assert_close(y, y_ref, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-14, atol=1e-14)
     assert ops == 2 < ops_ref
+
 
 @pytest.mark.parametrize("case", ["fm", "naive", "fast"])
 def test_fake_prediction_equals_the_real_step(case):
