@@ -129,6 +129,29 @@ def test_missing_tangents_are_zero():
     assert_close(t_fw, reference(q, k, v, (dq, zero, zero), q)[1], TOL[torch.float32][1])
 
 
+
+def test_stop_grad_outputs_get_no_gradient_and_an_unused_o_none():
+    """dO is stop-grad (no zero-filled gradients are made for it or for lse), and where O's own
+    gradient is undefined (an op that drops it), backward gives none instead of failing."""
+    class DropFirst(torch.autograd.Function):  # o * 0 + x, whose backward leaves o's gradient undefined
+        @staticmethod
+        def forward(ctx, o, x):
+            return o.sum() * 0 + x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, g.expand(3)
+    q, k, v, dq, dk, dv = (randn((1, 2, 9, 16), torch.float32, seed) for seed in range(6))
+    q.requires_grad_()
+    x = torch.ones(3, device=DEVICE, requires_grad=True)
+    o, do = attention_with_tangent(q, k, v, dq, dk, dv, backend="triton")        # the custom op
+    assert not do.requires_grad
+    with fwAD.dual_level():                                                      # the autograd.Function
+        o_fw = fwAD.unpack_dual(triton(fwAD.make_dual(q, dq), k, v)).primal
+    for out in (o, o_fw):
+        gq, gx = torch.autograd.grad(DropFirst.apply(out, x), (q, x), allow_unused=True)
+        assert gq is None and torch.equal(gx, torch.ones_like(x))
+
 def test_jvp_primal_is_differentiable_through_functional_call():
     """The MeanFlow pattern: jvp of a functional model, loss on the primal with the stop-grad
     tangent, ordinary backward to the parameters."""
