@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmf.models import functional  # noqa: E402
+from fastmf.models.layers import compute_dtype  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
 from jvp_throughput import OpCounter, add_model_args, build_model, case_plan, saved_bytes  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
@@ -57,18 +58,14 @@ MiB = 2**20
 # does not dispatch on a GPU. Values are exact, so the real CPU step stays a true step.
 @torch.library.custom_op("step_memory::fused_rms_norm", mutates_args=())
 def fused_rms_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    rstd = torch.rsqrt(x.to(_acc(x)).pow(2).mean(-1, keepdim=True) + eps)         # (..., 1)
+    # (..., 1) in CUDA's accumulate dtype: fp32, or fp64 for fp64
+    rstd = torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)
     return (x * rstd).to(x.dtype), rstd
 
 
 @fused_rms_norm.register_fake
 def _(x, eps):
-    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=_acc(x))
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """rstd's dtype: CUDA's accumulate type (fp32 for half types and fp32, fp64 for fp64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("step_memory::fused_rms_norm_backward", mutates_args=())

@@ -475,7 +475,7 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o, _grad_lse, _grad_o_t):
-        if grad_o is None:  # O unused
+        if grad_o is None:  # O's gradient undefined (an op downstream dropped it)
             return (None,) * 7
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _flash_backward(q, k, v, o, lse, grad_o, ctx.scale)
@@ -569,7 +569,7 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, grad_o, _grad_lse, _grad_o_t):
-    if grad_o is None:  # O unused by the loss
+    if grad_o is None:  # O's gradient undefined (an op downstream dropped it)
         return (None,) * 7
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = _flash_backward_op(q, k, v, o, lse, grad_o, ctx.scale)
