@@ -3,7 +3,7 @@
 #   OUT=some/dir STAGES="check attention" bash bench/gpu_run.sh       # call 1: 450 s at most
 #   OUT=some/dir STAGES="mfu-b 3dcompiled" bash bench/gpu_run.sh      # call 2: what is left (about 300 s:
 #       mfu-b, then 3dcompiled as far as it gets; their timeouts add to 530 s)
-#   later: "profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
+#   later: "3dcompiled-1class profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 #   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
 #       every stage's commands are listed in $OUT/commands.txt instead of run, and bench/check_commands.py
 #       checks that each script accepts its arguments (seconds; a wrong flag costs device minutes)
@@ -16,7 +16,8 @@
 # cuDNN, the two-pass, atomic-dQ and sdpa backwards (the last: cuDNN's kernel on the fused forward's
 # O and log-sum-exp), and the fwd+JVP with lazy rescaling, side by side), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
 # pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
-# bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), mem64 (64^3 volume,
+# bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), 3dcompiled-1class
+# (the same at batch 1 for data of one class: no CFG), mem64 (64^3 volume,
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
 # fm/naive/fast, then compiled fm/fast), cudagraphs (compile-mode reduce-overhead), blocks
 # (--compile-scope blocks), 3d (48^3 eager fm/naive/fast), profile (per-pass times and kernel
@@ -70,6 +71,12 @@ for stage in $STAGES; do
       timeout 250 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 2 \
           --steps 3 --warmup 1 --cases fm,fast --compile --no-cpu-peak --out "$OUT/jvp_mitb_3d_b2_compiled.json" 2>&1 \
           | filter | tee "$OUT/jvp_mitb_3d_b2_compiled.log" ;;
+    3dcompiled-1class)
+      # Data of one class (phantoms, NIfTI folders) trains without CFG: no unconditional guidance rows, so at
+      # batch 1 the step's FLOPs are 1.489x fm's (fake-tensor count), under the 1.5
+      timeout 250 python3 bench/jvp_throughput.py --model mit-b --input-size 48 48 48 --channels 4 --batch 1 \
+          --num-classes 1 --steps 3 --warmup 1 --cases fm,fast --compile --no-cpu-peak \
+          --out "$OUT/jvp_mitb_3d_b1_1class_compiled.json" 2>&1 | filter | tee "$OUT/jvp_mitb_3d_b1_1class_compiled.log" ;;
     attention)
       for hd in "64 12" "128 6"; do
         set -- $hd
@@ -100,7 +107,7 @@ for stage in $STAGES; do
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, 3dcompiled-1class, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
   esac
 done
 if [ -n "${DRY:-}" ]; then
