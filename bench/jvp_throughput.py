@@ -140,6 +140,37 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "mit-tiny", input_si
                         "guidance call holds only the tangent rows")
 
 
+def add_inductor_arg(p: argparse.ArgumentParser):
+    """--inductor KEY=VALUE: a torch._inductor.config option for every compile of the run (repeatable)."""
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a torch._inductor.config option for every compiled step of this run (repeatable; "
+                        "e.g. realize_reads_threshold=8); compare with a run without it on the same device")
+
+
+def set_inductor_options(p: argparse.ArgumentParser, pairs: list[str]):
+    """Sets each KEY=VALUE of --inductor, VALUE read as the option's current type; p.error otherwise."""
+    import torch._inductor.config as config
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, key):
+            p.error(f"--inductor {pair!r}: expected KEY=VALUE with KEY an option of torch._inductor.config")
+        current = getattr(config, key)
+        try:
+            if isinstance(current, bool):
+                value = {"true": True, "false": False}[text.lower()]
+            elif isinstance(current, (int, float)):
+                value = type(current)(text)
+            elif isinstance(current, str) or current is None:
+                value = text
+            else:
+                raise TypeError
+        except (KeyError, ValueError):
+            p.error(f"--inductor {pair!r}: {key} takes {type(current).__name__} values")
+        except TypeError:
+            p.error(f"--inductor {pair!r}: only bool, int, float and str options can be set here")
+        setattr(config, key, value)
+
+
 def build_model(args):
     """The benchmarked model of add_model_args' options; ValueError for a bad combination."""
     overrides = {k: getattr(args, k) for k in ("depth", "aux_head_depth") if getattr(args, k, None) is not None}
@@ -279,10 +310,12 @@ def main():
                    help="the backward of the tangent rows' fused attention: Triton flash with dQ from a second "
                         "kernel (two-pass, deterministic) or by fp32 atomics in the dK/dV kernel (atomic: 5 matmuls, "
                         "not 7), or SDPA's own backward kernel on the fused forward's O and log-sum-exp (sdpa: cuDNN)")
+    add_inductor_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()
     set_backward(args.flash_backward)
+    set_inductor_options(p, args.inductor)
     if len(args.input_size) not in (2, 3) or args.batch < 1 or args.steps < 1:
         p.error("--input-size takes 2 or 3 ints; --batch and --steps must be >= 1")
     device = torch.device(args.device)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmf.models import functional  # noqa: E402
 from fastmf.objectives import objective_defaults  # noqa: E402
-from jvp_throughput import add_model_args, build_model, case_plan  # noqa: E402
+from jvp_throughput import add_inductor_arg, add_model_args, build_model, case_plan, set_inductor_options  # noqa: E402
 from kernels import attention, attention_triton, attention_with_tangent  # noqa: E402
 from kernels.flops import count_flops  # noqa: E402
 
@@ -129,8 +129,10 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--cases", default="fm,fast", help="comma list of fm, fast")
     p.add_argument("--top", type=int, default=25, help="kernel groups listed per case, by bytes")
+    add_inductor_arg(p)
     p.add_argument("--out", default="bench/step_bytes.json")
     args = p.parse_args()
+    set_inductor_options(p, args.inductor)
     cases = [c for c in args.cases.split(",") if c]
     if any(c not in ("fm", "fast") for c in cases) or len(args.input_size) not in (2, 3) or args.batch < 1:
         p.error("--cases takes fm and/or fast; --input-size 2 or 3 ints; --batch >= 1")

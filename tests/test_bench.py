@@ -104,16 +104,33 @@ def test_attention_bench_reports_the_kernel_and_tflops(tmp_path):
 
 
 def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
-    out = tmp_path / "bytes.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/step_bytes.py"), "--cases", "fm", "--batch", "2",
-                    "--out", str(out)], check=True, capture_output=True, timeout=600)
-    (r,) = json.loads(out.read_text())["results"]
+    def run(*extra):
+        out = tmp_path / "bytes.json"
+        subprocess.run([sys.executable, str(ROOT / "bench/step_bytes.py"), "--cases", "fm", "--batch", "2",
+                        "--depth", "2", "--aux-head-depth", "1", "--out", str(out), *extra],
+                       check=True, capture_output=True, timeout=600)
+        return json.loads(out.read_text())
+    (r,) = run()["results"]
     assert r["gflop"] > 0 and r["generated_kernel_GB"] > 0 and r["extern_kernel_GB"] > 0 and r["kernels"] > 10
     h100, h200 = r["H100"], r["H200"]
     assert h100["roofline_ms"] == pytest.approx(h100["matmul_ms"] + h100["generated_kernel_ms"])
     assert 0 < h100["mfu_ceiling"] < h200["mfu_ceiling"] < 1  # same peak, more bandwidth
     groups = r["top_kernel_groups"]
     assert any(g["group"].startswith("extern") for g in groups) and all(g["GB"] > 0 for g in groups)
+    # --inductor sets an inductor option for the run: realizing every buffer read more than once
+    # (threshold 1, default 4) leaves more kernels
+    realized = run("--inductor", "realize_reads_threshold=1")
+    assert realized["meta"]["args"]["inductor"] == ["realize_reads_threshold=1"]
+    assert realized["results"][0]["kernels"] > r["kernels"]
+
+
+@pytest.mark.parametrize("option,message", [("realize_reads_threshold=x", "realize_reads_threshold takes int values"),
+                                            ("no_such_option=1", "expected KEY=VALUE"),
+                                            ("combo_kernels=maybe", "combo_kernels takes bool values")])
+def test_inductor_options_are_checked(option, message):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/jvp_throughput.py"), "--inductor", option], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
