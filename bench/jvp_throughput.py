@@ -30,6 +30,7 @@ ratios fast/fm and fast/naive, and compile time (first step) apart from steady s
 to --out.
 """
 import argparse
+import ast
 import copy
 import gc
 import json
@@ -147,6 +148,13 @@ def add_inductor_arg(p: argparse.ArgumentParser):
                         "e.g. realize_reads_threshold=8); compare with a run without it on the same device")
 
 
+def _literal_or_text(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def set_inductor_options(p: argparse.ArgumentParser, pairs: list[str]):
     """Sets each KEY=VALUE of --inductor, VALUE read as the option's current type; p.error otherwise."""
     import torch._inductor.config as config
@@ -160,8 +168,10 @@ def set_inductor_options(p: argparse.ArgumentParser, pairs: list[str]):
                 value = {"true": True, "false": False}[text.lower()]
             elif isinstance(current, (int, float)):
                 value = type(current)(text)
-            elif isinstance(current, str) or current is None:
+            elif isinstance(current, str):
                 value = text
+            elif current is None:  # unset options (e.g. realize_opcount_threshold): a Python literal, else text
+                value = _literal_or_text(text)
             else:
                 raise TypeError
         except (KeyError, ValueError):
