@@ -18,11 +18,15 @@ differently from the GPU's Triton backend, and matmuls reach perhaps 60-80% of p
 sizes; launch gaps are not in it. What it shows on a CPU: how much memory traffic each step
 moves besides its matmuls, and how a change alters it.
 
+`--kernels` adds every kernel of the two graphs in launch order, with the buffers it reads and
+writes (dtype[shape]): which tensor a kernel writes out that a later one reads back.
+
 The fused attention ops run as math on the CPU here (same inputs, outputs and graph; their own
 traffic is counted as their inputs and outputs, as a flash kernel's). JSON goes to --out.
 """
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import os
@@ -33,6 +37,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused op's device check; its kernels never run here
 import torch  # noqa: E402
 from torch._inductor import metrics  # noqa: E402
+from torch._inductor.graph import GraphLowering  # noqa: E402
 from torch._inductor.scheduler import ExternKernelSchedulerNode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,6 +85,33 @@ def kernel_group(node) -> str:
     return "+".join(sorted(ops)) or "?"
 
 
+@contextlib.contextmanager
+def kernel_listing():
+    """Yields a list that gets, for each graph inductor compiles meanwhile (forward, then backward),
+    its kernels in launch order: bytes, group, and the buffers each reads and writes (dtype[shape]),
+    taken while inductor counts bytes, the one time its graph can still name them."""
+    graphs, count_bytes = [], GraphLowering.count_bytes
+
+    def listed(graph):
+        total, counts, runtimes = count_bytes(graph)
+
+        def describe(dep):
+            try:
+                b = graph.get_buffer(dep.name)
+                return f"{dep.name}: {str(b.get_dtype()).removeprefix('torch.')}{list(b.get_size())}"
+            except (AttributeError, NotImplementedError):  # unknown name; a multi-output kernel's tuple
+                return dep.name
+        graphs.append([{"kernel": node.get_name(), "MB": 4 * n / 1e6, "group": kernel_group(node),
+                        "writes": sorted({describe(d) for d in node.read_writes.writes}),
+                        "reads": sorted({describe(d) for d in node.read_writes.reads})} for node, n in counts])
+        return total, counts, runtimes
+    GraphLowering.count_bytes = listed
+    try:
+        yield graphs
+    finally:
+        GraphLowering.count_bytes = count_bytes
+
+
 def measure(args, model, case: str) -> dict:
     """Bytes of one compiled step of case (forward and backward graphs), and its matmul FLOPs."""
     draw_fn, loss_fn, attn = case_plan(model.record["variant"])[case]
@@ -104,7 +136,8 @@ def measure(args, model, case: str) -> dict:
     torch._dynamo.reset()
     metrics.reset()
     t0 = time.perf_counter()
-    step(torch.compile(step_loss))  # compiles the forward graph, then the backward graph
+    with kernel_listing() as graphs:
+        step(torch.compile(step_loss))  # compiles the forward graph, then the backward graph
     seconds = time.perf_counter() - t0
     generated = sum(4 * n for node, n in metrics.nodes_num_elem if not isinstance(node, ExternKernelSchedulerNode))
     extern = sum(4 * n for node, n in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode))
@@ -115,6 +148,8 @@ def measure(args, model, case: str) -> dict:
     r = {"case": case, "batch": args.batch, "gflop": flops / 1e9, "generated_kernel_GB": generated / 1e9,
          "extern_kernel_GB": extern / 1e9, "kernels": len(metrics.nodes_num_elem), "compile_and_step_s": seconds,
          "top_kernel_groups": [{"group": g, "GB": b / 1e9, "kernels": counts[g]} for g, b in groups.most_common(args.top)]}
+    if args.kernels:
+        r["kernels_by_graph"] = dict(zip(("forward", "backward"), graphs))
     for dev, (peak, bw) in DEVICES.items():
         t_mm, t_mem = flops / peak / 1e9, generated / bw / 1e9                        # ms
         r[dev] = {"matmul_ms": t_mm, "generated_kernel_ms": t_mem, "roofline_ms": t_mm + t_mem,
@@ -129,6 +164,9 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--cases", default="fm,fast", help="comma list of fm, fast")
     p.add_argument("--top", type=int, default=25, help="kernel groups listed per case, by bytes")
+    p.add_argument("--kernels", action="store_true",
+                   help="also list every kernel of the forward and backward graphs in launch order in the JSON: "
+                        "bytes, fused ops, and the buffers it reads and writes (dtype[shape])")
     add_inductor_arg(p)
     p.add_argument("--out", default="bench/step_bytes.json")
     args = p.parse_args()

@@ -112,13 +112,18 @@ def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
                         "--depth", "2", "--aux-head-depth", "1", "--out", str(out), *extra],
                        check=True, capture_output=True, timeout=600)
         return json.loads(out.read_text())
-    (r,) = run()["results"]
+    (r,) = run("--kernels")["results"]
     assert r["gflop"] > 0 and r["generated_kernel_GB"] > 0 and r["extern_kernel_GB"] > 0 and r["kernels"] > 10
     h100, h200 = r["H100"], r["H200"]
     assert h100["roofline_ms"] == pytest.approx(h100["matmul_ms"] + h100["generated_kernel_ms"])
     assert 0 < h100["mfu_ceiling"] < h200["mfu_ceiling"] < 1  # same peak, more bandwidth
     groups = r["top_kernel_groups"]
     assert any(g["group"].startswith("extern") for g in groups) and all(g["GB"] > 0 for g in groups)
+    # --kernels lists each graph's kernels, which add up to the totals, with the buffers they touch
+    listed = [k for graph in ("forward", "backward") for k in r["kernels_by_graph"][graph]]
+    assert len(listed) == r["kernels"] and all(k["writes"] for k in listed)
+    assert sum(k["MB"] for k in listed) == pytest.approx(1e3 * (r["generated_kernel_GB"] + r["extern_kernel_GB"]))
+    assert any(re.search(r": bfloat16\[\d+(, \d+)*\]$", w) for k in listed for w in k["writes"])
     # --inductor sets an inductor option for the run: realizing every buffer read more than once
     # (threshold 1, default 4) leaves more kernels
     realized = run("--inductor", "realize_reads_threshold=1")
