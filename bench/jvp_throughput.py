@@ -141,43 +141,40 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "mit-tiny", input_si
                         "guidance call holds only the tangent rows")
 
 
+def inductor_option(text: str) -> tuple[str, object]:
+    """argparse type of --inductor: KEY=VALUE -> (KEY, VALUE read as the option's current type), so
+    that a bad option fails while the arguments are parsed (bench/check_commands.py sees it)."""
+    import torch._inductor.config as config
+    key, sep, raw = text.partition("=")
+    if not sep or not hasattr(config, key):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY an option of torch._inductor.config")
+    current = getattr(config, key)
+    try:
+        if isinstance(current, bool):
+            return key, {"true": True, "false": False}[raw.lower()]
+        if isinstance(current, (int, float, str)):
+            return key, type(current)(raw)
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: {key} takes {type(current).__name__} values") from None
+    if current is None:  # an unset option (e.g. realize_opcount_threshold): a Python literal, else text
+        try:
+            return key, ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return key, raw
+    raise argparse.ArgumentTypeError(f"{text!r}: only bool, int, float, str and unset options can be set here")
+
+
 def add_inductor_arg(p: argparse.ArgumentParser):
     """--inductor KEY=VALUE: a torch._inductor.config option for every compile of the run (repeatable)."""
-    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--inductor", type=inductor_option, action="append", default=[], metavar="KEY=VALUE",
                    help="set a torch._inductor.config option for every compiled step of this run (repeatable; "
                         "e.g. realize_reads_threshold=8); compare with a run without it on the same device")
 
 
-def _literal_or_text(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def set_inductor_options(p: argparse.ArgumentParser, pairs: list[str]):
-    """Sets each KEY=VALUE of --inductor, VALUE read as the option's current type; p.error otherwise."""
+def set_inductor_options(options: list[tuple[str, object]]):
+    """Applies the parsed --inductor options."""
     import torch._inductor.config as config
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not hasattr(config, key):
-            p.error(f"--inductor {pair!r}: expected KEY=VALUE with KEY an option of torch._inductor.config")
-        current = getattr(config, key)
-        try:
-            if isinstance(current, bool):
-                value = {"true": True, "false": False}[text.lower()]
-            elif isinstance(current, (int, float)):
-                value = type(current)(text)
-            elif isinstance(current, str):
-                value = text
-            elif current is None:  # unset options (e.g. realize_opcount_threshold): a Python literal, else text
-                value = _literal_or_text(text)
-            else:
-                raise TypeError
-        except (KeyError, ValueError):
-            p.error(f"--inductor {pair!r}: {key} takes {type(current).__name__} values")
-        except TypeError:
-            p.error(f"--inductor {pair!r}: only bool, int, float and str options can be set here")
+    for key, value in options:
         setattr(config, key, value)
 
 
@@ -325,7 +322,7 @@ def main():
     p.add_argument("--out", default="bench/jvp_throughput.json")
     args = p.parse_args()
     set_backward(args.flash_backward)
-    set_inductor_options(p, args.inductor)
+    set_inductor_options(args.inductor)
     if len(args.input_size) not in (2, 3) or args.batch < 1 or args.steps < 1:
         p.error("--input-size takes 2 or 3 ints; --batch and --steps must be >= 1")
     device = torch.device(args.device)

@@ -170,7 +170,7 @@ def main():
     add_inductor_arg(p)
     p.add_argument("--out", default="bench/step_bytes.json")
     args = p.parse_args()
-    set_inductor_options(p, args.inductor)
+    set_inductor_options(args.inductor)
     cases = [c for c in args.cases.split(",") if c]
     if any(c not in ("fm", "fast") for c in cases) or len(args.input_size) not in (2, 3) or args.batch < 1:
         p.error("--cases takes fm and/or fast; --input-size 2 or 3 ints; --batch >= 1")

@@ -127,7 +127,7 @@ def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
     # --inductor sets an inductor option for the run: realizing every buffer read more than once
     # (threshold 1, default 4) leaves more kernels
     realized = run("--inductor", "realize_reads_threshold=1")
-    assert realized["meta"]["args"]["inductor"] == ["realize_reads_threshold=1"]
+    assert realized["meta"]["args"]["inductor"] == [["realize_reads_threshold", 1]]
     assert realized["results"][0]["kernels"] > r["kernels"]
 
 
@@ -147,7 +147,7 @@ def test_inductor_options_are_set_with_their_types():
                          "--inductor", "realize_opcount_threshold=30"])  # the last is unset (None) by default
     keys = ("realize_reads_threshold", "combo_kernels", "realize_opcount_threshold")
     with config.patch({k: getattr(config, k) for k in keys}):  # restored on exit
-        bench.set_inductor_options(p, args.inductor)
+        bench.set_inductor_options(args.inductor)
         assert (config.realize_reads_threshold, config.combo_kernels, config.realize_opcount_threshold) == (8, True, 30)
 
 
@@ -155,12 +155,12 @@ def test_inductor_options_are_set_with_their_types():
                                             ("no_such_option=1", "expected KEY=VALUE"),
                                             ("realize_reads_threshold", "expected KEY=VALUE"),
                                             ("combo_kernels=maybe", "combo_kernels takes bool values")])
-def test_bad_inductor_options_get_one_line_errors(option, message, capsys):
+def test_bad_inductor_options_get_one_line_errors_while_parsing(option, message, capsys):
     bench = _jvp_throughput()
     p = argparse.ArgumentParser(prog="jvp_throughput.py")
     bench.add_inductor_arg(p)
     with pytest.raises(SystemExit) as e:
-        bench.set_inductor_options(p, p.parse_args(["--inductor", option]).inductor)
+        p.parse_args(["--inductor", option])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.strip().splitlines()[-1].startswith("jvp_throughput.py: error:")
 
@@ -178,6 +178,12 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
     checked = [line for line in r.stdout.splitlines() if line.startswith("ok: ")]
     assert len(checked) >= len(stages) and all(f"--out {tmp_path}" in line for line in checked)
     assert re.search(r"^ok \(\d+ tests\): -m pytest", r.stdout, re.M)  # the check stage's kernel tests select some
+    # INDUCTOR: options for the mfu stages, checked like any argument (a bad key is refused before the device)
+    for options, ok in (("realize_reads_threshold=8", True), ("no_such_option=1", False)):
+        r = subprocess.run(["bash", str(ROOT / "bench/gpu_run.sh")], cwd=ROOT, capture_output=True, text=True,
+                           env=env | {"STAGES": "mfu-b", "INDUCTOR": options}, timeout=300)
+        assert (r.returncode == 0) == ok and ("1 refused" in r.stdout) != ok, r.stdout[-2000:]
+        assert f"--inductor {options} --out {tmp_path}/mfu_mit-b_b128_" in r.stdout
     bad = tmp_path / "bad.txt"
     bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n"
                    "-m pytest -n 4 tests/test_attention_triton.py -k no_such_test\n"
