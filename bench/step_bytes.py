@@ -149,7 +149,8 @@ def measure(args, model, case: str) -> dict:
          "extern_kernel_GB": extern / 1e9, "kernels": len(metrics.nodes_num_elem), "compile_and_step_s": seconds,
          "top_kernel_groups": [{"group": g, "GB": b / 1e9, "kernels": counts[g]} for g, b in groups.most_common(args.top)]}
     if args.kernels:
-        r["kernels_by_graph"] = dict(zip(("forward", "backward"), graphs))
+        names = ("forward", "backward") if len(graphs) == 2 else [f"graph {i}" for i in range(len(graphs))]
+        r["kernels_by_graph"] = dict(zip(names, graphs))
     for dev, (peak, bw) in DEVICES.items():
         t_mm, t_mem = flops / peak / 1e9, generated / bw / 1e9                        # ms
         r[dev] = {"matmul_ms": t_mm, "generated_kernel_ms": t_mem, "roofline_ms": t_mm + t_mem,
