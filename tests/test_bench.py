@@ -131,6 +131,19 @@ def test_step_bytes_counts_the_compiled_steps_traffic(tmp_path):
     assert realized["results"][0]["kernels"] > r["kernels"]
 
 
+def test_compiled_fast_step_copies_no_attention_gradient(tmp_path):
+    """attention_tail_tangent slices q, k, v into plain and tangent rows when compiled: inductor folds
+    the slices' zero-filled gradients into RoPE's backward. A split there (eager's choice) makes the
+    backward cat the two rows' gradients in copy kernels of their own (18 `cat` kernels here)."""
+    out = tmp_path / "bytes.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_bytes.py"), "--cases", "fast", "--batch", "4",
+                    "--depth", "2", "--aux-head-depth", "1", "--top", "1000", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    (r,) = json.loads(out.read_text())["results"]
+    groups = {g["group"] for g in r["top_kernel_groups"]}
+    assert "cat" not in groups and any("slice_scatter" in g for g in groups), sorted(groups)
+
+
 def _jvp_throughput():
     spec = importlib.util.spec_from_file_location("jvp_throughput", ROOT / "bench/jvp_throughput.py")
     module = importlib.util.module_from_spec(spec)
