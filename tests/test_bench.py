@@ -144,16 +144,17 @@ def test_compiled_fast_step_copies_no_attention_gradient(tmp_path):
     assert "cat" not in groups and any("slice_scatter" in g for g in groups), sorted(groups)
 
 
-def _jvp_throughput():
+@pytest.fixture(scope="module")
+def bench():
+    """bench/jvp_throughput.py as a module, loaded once."""
     spec = importlib.util.spec_from_file_location("jvp_throughput", ROOT / "bench/jvp_throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_inductor_options_are_set_with_their_types():
+def test_inductor_options_are_set_with_their_types(bench):
     import torch._inductor.config as config
-    bench = _jvp_throughput()
     p = argparse.ArgumentParser()
     bench.add_inductor_arg(p)
     args = p.parse_args(["--inductor", "realize_reads_threshold=8", "--inductor", "combo_kernels=True",
@@ -168,8 +169,7 @@ def test_inductor_options_are_set_with_their_types():
                                             ("no_such_option=1", "expected KEY=VALUE"),
                                             ("realize_reads_threshold", "expected KEY=VALUE"),
                                             ("combo_kernels=maybe", "combo_kernels takes bool values")])
-def test_bad_inductor_options_get_one_line_errors_while_parsing(option, message, capsys):
-    bench = _jvp_throughput()
+def test_bad_inductor_options_get_one_line_errors_while_parsing(option, message, capsys, bench):
     p = argparse.ArgumentParser(prog="jvp_throughput.py")
     bench.add_inductor_arg(p)
     with pytest.raises(SystemExit) as e:
