@@ -402,8 +402,11 @@ def _sdpa_backward(q, k, v, o, lse, grad_o, scale):
     if grad_o.stride() != o.stride():  # cuDNN reads dO in O's layout (else it copies, warning)
         grad_o = _token_major(o).copy_(grad_o)
     if q.is_cuda:
+        # Dropout's seed and offset: never read at dropout 0, but on sm_100 PyTorch casts them to int64
+        # first, which fails on None (pytorch PR 146734). An uninitialised word launches nothing.
+        word = q.new_empty((), dtype=torch.int64)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_o, q, k, v, o, lse.unsqueeze(-1), None, None, None, None, None, N, N, 0.0, False, scale=scale)
+            grad_o, q, k, v, o, lse.unsqueeze(-1), word, word, None, None, None, N, N, 0.0, False, scale=scale)
     else:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_o, q, k, v, o, lse, 0.0, False, scale=scale)
