@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import attention_triton, loss  # noqa: E402
+from kernels import attention_triton, lookup, loss  # noqa: E402
 from kernels.op_names import packet, versioned_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ def test_a_changed_file_names_its_ops_anew(tmp_path):
 @pytest.mark.parametrize("module, names", [
     (attention_triton, ["WITH_TANGENT_OP", "BACKWARD_OP"]),
     (loss, ["ROWS_OP", "ROWS_BACKWARD_OP"]),
+    (lookup, ["GRAD_OP"]),
 ])
 def test_registered_ops_carry_their_files_digest(module, names):
     digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:8]

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels import attention, attention_with_tangent
+from kernels import attention, attention_with_tangent, embedding
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,7 +219,8 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.embedding_table(y)                                              # (B, hidden)
+        # not self.embedding_table(y): compiled, its gradient would be summed in no fixed order
+        return embedding(self.embedding_table.weight, y)                            # (B, hidden)
 
 
 ####################################################################################################
