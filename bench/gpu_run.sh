@@ -9,10 +9,13 @@
 #       as one, such as the per-weight casts: 113 of the 593 kernels of a 5-block fast step, step_bytes.py --kernels)
 #       are others to try on a launch-bound step, if the device's torch (2.11 in the image) has them:
 #       jvp_throughput.py refuses unknown options in a second
-#   later: "3dcompiled-1class profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
+#   later: "train" (train.py itself on CUDA: digits learning in bf16, compiled, and resume exactness; its
+#       wheels first: `bash bench/device_wheels.sh` here, then run's carry [".whl"]),
+#       "3dcompiled-1class profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 #   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
 #       every stage's commands are listed in $OUT/commands.txt instead of run, and bench/check_commands.py
-#       checks that each script accepts its arguments (seconds; a wrong flag costs device minutes)
+#       checks that each script accepts its arguments (seconds; a wrong flag costs device minutes), with the
+#       packages in $WHEELS (default .whl, bench/device_wheels.sh) taken as carried
 # A device session has about 15 minutes in all, start-up included, 10 minutes a call: the two calls
 # above are issue #16's order (kernels checked in bf16 and on CUDA, then the attention targets,
 # then MFU and fast/fm of MiT-B/2 compiled, then 3D compiled). Each stage's timeout is its budget;
@@ -22,7 +25,9 @@
 # cuDNN, the two-pass, atomic-dQ and sdpa backwards (the last: cuDNN's kernel on the fused forward's
 # O and log-sum-exp), and the fwd+JVP with lazy rescaling, side by side), mfu-b / mfu-xl / mfu-pmf (compiled fm / fast: MiT-B/2 at batch 128, MiT-XL/2 at 64,
 # pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
-# bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), 3dcompiled-1class
+# bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), train (bench/gpu_train_check.py:
+# the default digits run through train.py, its judge's agreement and steps/s, and a run stopped halfway
+# and resumed against two straight ones), 3dcompiled-1class
 # (the same at batch 1 for data of one class: no CFG), mem64 (64^3 volume,
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
 # fm/naive/fast, then compiled fm/fast), cudagraphs (compile-mode reduce-overhead), blocks
@@ -35,7 +40,13 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
 STAGES=${STAGES:-check attention}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
+# train.py's packages that the image lacks travel as wheels (bench/device_wheels.sh; run's carry [".whl"])
+if [ -z "${DRY:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 if [ -n "${DRY:-}" ]; then
   : > "$OUT/commands.txt"
   timeout() { shift; "$@"; }
@@ -92,6 +103,8 @@ for stage in $STAGES; do
         timeout 90 python3 -m bench.attention_jvp --seq-lens 4096 8192 16384 --head-dim $1 --heads $2 --reps 5 \
             --out "$OUT/attention_jvp_d$1.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp_d$1.log"
       done ;;
+    train)
+      timeout 240 python3 bench/gpu_train_check.py --out "$OUT/train_cuda.json" 2>&1 | filter | tee "$OUT/train_cuda.log" ;;
     mfu-b|mfu-xl|mfu-pmf)
       # The issue's MFU table: compiled fm / fast at larger per-GPU batches.
       case $stage in
@@ -116,9 +129,9 @@ for stage in $STAGES; do
     profile)
       timeout 50 python3 bench/profile_step.py --batch 32 --out "$OUT/prof_2d_fast.txt" 2>&1 | head -3
       timeout 60 python3 bench/profile_step.py --input-size 48 48 48 --batch 1 --out "$OUT/prof_3d_fast.txt" 2>&1 | head -3 ;;
-    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, 3dcompiled-1class, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
+    *) echo "unknown stage $stage (check, attention, mfu-b, mfu-xl, mfu-pmf, 3dcompiled, 3dcompiled-1class, train, mem64, profile-compiled, 2d, cudagraphs, blocks, 3d, profile, fid)"; exit 2 ;;
   esac
 done
 if [ -n "${DRY:-}" ]; then
-  command python3 bench/check_commands.py "$OUT/commands.txt"
+  command python3 bench/check_commands.py --wheels "$WHEELS" "$OUT/commands.txt"
 fi

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +184,10 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
     bench script accepts its arguments, so a wrong flag is found before device time is spent."""
     script = (ROOT / "bench/gpu_run.sh").read_text()
     stages = re.search(r"unknown stage \$stage \(([^)]*)\)", script).group(1).split(", ")
-    env = os.environ | {"DRY": "1", "OUT": str(tmp_path), "STAGES": " ".join(stages)}
+    wheels = tmp_path / "wheels"  # the train stage's tyro travels as a wheel: DRY reads only the names
+    wheels.mkdir()
+    (wheels / "tyro-1.0-py3-none-any.whl").touch()
+    env = os.environ | {"DRY": "1", "OUT": str(tmp_path), "STAGES": " ".join(stages), "WHEELS": str(wheels)}
     r = subprocess.run(["bash", str(ROOT / "bench/gpu_run.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -197,6 +201,10 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
                            env=env | {"STAGES": "mfu-b", "INDUCTOR": options}, timeout=300)
         assert (r.returncode == 0) == ok and ("1 refused" in r.stdout) != ok, r.stdout[-2000:]
         assert f"--inductor {options} --out {tmp_path}/mfu_mit-b_b128_" in r.stdout
+    # without tyro's wheel the train stage is refused before any device time is spent
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_run.sh")], cwd=ROOT, capture_output=True, text=True,
+                       env=env | {"STAGES": "train", "WHEELS": str(tmp_path / "none")}, timeout=300)
+    assert r.returncode == 1 and "refused (exit error: train.py needs tyro" in r.stdout, r.stdout[-2000:]
     bad = tmp_path / "bad.txt"
     bad.write_text("bench/jvp_throughput.py --batch 4 --no-such-flag\n-m bench.attention_jvp --reps many\n"
                    "-m pytest -n 4 tests/test_attention_triton.py -k no_such_test\n"
@@ -205,3 +213,26 @@ def test_gpu_run_dry_lists_every_stage_and_its_arguments_parse(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "4 commands: 4 refused" in r.stdout, r.stdout
     assert "refused (imports tyro, which the device image lacks): train.py" in r.stdout
+
+
+def test_gpu_train_check_learns_and_compares_resumed_weights(tmp_path):
+    """bench/gpu_train_check.py (the train stage): train.py's runs, the judge's report, and the resume
+    comparison; on the CPU here, a few steps."""
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/gpu_train_check.py"), "--steps", "4", "--resume-steps", "4",
+                    "--eval-samples", "4", "--no-compile", "--work", str(tmp_path / "runs"), "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    learn = report["learn"]["imf"]
+    assert learn["eval"]["n"] == 4 and 0 <= learn["eval"]["agreement"] <= 1 and learn["wall_s"] > 0
+    resume = report["resume"]
+    assert resume["stopped_at"] == 2 and set(resume["wall_s"]) == {"straight", "straight_again", "split", "resumed"}
+    for pair in ("straight_vs_straight", "straight_vs_resumed"):  # the CPU path is exact
+        assert resume[pair]["identical"] and resume[pair]["max_abs_diff"] == 0 and resume[pair]["tensors"] > 100
+    spec = importlib.util.spec_from_file_location("gpu_train_check", ROOT / "bench/gpu_train_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    compare = module.compare
+    a = {"w": torch.zeros(3), "v": torch.ones(2)}
+    c = compare(a, {"w": torch.tensor([0.0, 0.5, 0.0]), "v": torch.ones(2)})
+    assert not c["identical"] and c["max_abs_diff"] == 0.5 and c["worst_tensor"] == "w" and c["tensors_differing"] == 1

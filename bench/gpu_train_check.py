@@ -1,0 +1,133 @@
+"""The trainer on CUDA: what a user's `python train.py` does there, measured.
+
+    bash bench/device_wheels.sh                                  # here, once: tyro as wheels in .whl/
+    python bench/gpu_train_check.py --out bench/out/train_cuda.json   # on the device (gpu_run.sh's train stage)
+
+Every figure in README's digits rows was trained on a CPU in fp32. On CUDA train.py takes another
+path: bf16 autocast, the compiled fast step with the Triton tangent kernel, SDPA for the plain
+passes, pinned-memory batches. This runs that path through train.main itself and records:
+  learn    the default run (mit-tiny iMF on the embedded digits, 2,000 steps, batch 64; `--variants
+           imf pmf` adds pMF): the 1-NFE judge's agreement and Frechet distance (train.py's
+           eval.json), the median steps/s after the first logged interval (which holds the
+           compile), and the wall time;
+  resume   the same run to --resume-steps twice straight, and once stopped halfway then resumed
+           with --resume: whether each pair's final weights (model, EMA, optimizer state) are
+           bit-identical, else the largest absolute difference. Straight against straight is the
+           run-to-run floor: a resume is exact if it matches a straight run as closely as two
+           straight runs match each other.
+Nothing is asserted: the JSON (rewritten after each run) holds what was seen. Without CUDA it runs
+on the CPU, for the suite, with whatever steps it is given.
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # fastmf from this checkout: the device image has it uninstalled
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    # argparse: this script must parse on the device image even before tyro's wheels are installed
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", choices=["imf", "pmf", "mf"], default=["imf"],
+                   help="objectives of the learning runs (train.py --variant)")
+    p.add_argument("--steps", type=int, default=2000, help="steps of each learning run (train.py's default)")
+    p.add_argument("--resume-steps", type=int, default=200, help="steps of the resume runs (0 skips them)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples the judge sees (train.py's default)")
+    p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a new temporary one)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.py --compile")
+    p.add_argument("--out", default="bench/out/train_cuda.json")
+    return p.parse_args(argv)
+
+
+def load_train():
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(train)
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] not in ("tyro", "docstring_parser", "typeguard"):
+            raise
+        sys.exit(f"error: train.py needs {e.name}, which this machine lacks (the device image: fetch the wheels with "
+                 "`bash bench/device_wheels.sh` where pip works, carry .whl; bench/gpu_run.sh installs them)")
+    return train
+
+
+def run_train(train, out: Path, args, flags: list[str]) -> float:
+    """train.main with train.py's flags; its wall time in seconds."""
+    cfg = train.parse(["--out", str(out), *(["--compile"] if args.compile else ["--no-compile"]), *flags])
+    torch._dynamo.reset()  # each run compiles as a fresh process would (inductor's caches on disk still serve)
+    t0 = time.perf_counter()
+    train.main(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def final_state(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(out / f"ckpt_{step:07d}.safetensors"))
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """Bit-identical or not, and the largest absolute difference over every tensor of two checkpoints."""
+    if a.keys() != b.keys():
+        return {"identical": False, "max_abs_diff": None, "note": "different tensor names"}
+    diffs = {k: (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a}
+    worst = max(diffs, key=diffs.get)
+    return {"identical": all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diffs[worst],
+            "worst_tensor": worst if diffs[worst] > 0 else None,
+            "tensors_differing": sum(v > 0 for v in diffs.values()), "tensors": len(diffs)}
+
+
+def main(argv=None):
+    train = load_train()  # before parsing: bench/check_commands.py then refuses a call that lacks tyro
+    args = parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fastmf_train_check_"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"meta": {"device": device, "torch": torch.__version__, "args": vars(args)}, "learn": {}, "resume": {}}
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    for variant in args.variants:
+        out = work / f"learn_{variant}"
+        wall = run_train(train, out, args, ["--variant", variant, "--steps", str(args.steps),
+                                            "--eval-samples", str(args.eval_samples)])
+        rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+        later = [r["steps_per_s"] for r in rows[1:]]  # the first interval holds the compile
+        report["learn"][variant] = {
+            "wall_s": round(wall, 1), "steps_per_s_median": statistics.median(later) if later else None,
+            "first_interval_steps_per_s": rows[0]["steps_per_s"], "final_loss": rows[-1]["loss"],
+            "eval": json.loads((out / "eval.json").read_text()) if args.eval_samples else None}
+        print(f"learn {variant}: {json.dumps(report['learn'][variant])}")
+        save()
+
+    if args.resume_steps:
+        n, half = args.resume_steps, args.resume_steps // 2
+        quiet = ["--eval-samples", "0", "--sample-every", str(10 * n), "--ckpt-every", str(half), "--log-every",
+                 str(max(1, half // 2)), "--warmup-steps", str(half)]
+        walls = {}
+        for name, steps in (("straight", n), ("straight_again", n), ("split", half)):
+            walls[name] = run_train(train, work / f"resume_{name}", args, ["--steps", str(steps), *quiet])
+        walls["resumed"] = run_train(train, work / "resume_split", args, ["--steps", str(n), "--resume", *quiet])
+        straight = final_state(work / "resume_straight", n)
+        report["resume"] = {
+            "steps": n, "stopped_at": half, "wall_s": {k: round(v, 1) for k, v in walls.items()},
+            "straight_vs_straight": compare(straight, final_state(work / "resume_straight_again", n)),
+            "straight_vs_resumed": compare(straight, final_state(work / "resume_split", n))}
+        print(f"resume: {json.dumps(report['resume'])}")
+        save()
+    print(f"wrote {args.out}; the runs are in {work}")
+
+
+if __name__ == "__main__":
+    main()
