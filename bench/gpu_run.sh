@@ -27,7 +27,7 @@
 # pMF-B/16 at 256 px at 64; eager steps fit up to batch 263 / 62 / 216 in 80 GiB by
 # bench/step_memory.py), 3dcompiled (48^3 volume, batch 2, fm / fast compiled), train (bench/gpu_train_check.py:
 # the default digits run through train.py, its judge's agreement and steps/s, and a run stopped halfway
-# and resumed against two straight ones), 3dcompiled-1class
+# and resumed against two straight ones, with SDPA's backward (auto) and with fastmf's alone (triton)), 3dcompiled-1class
 # (the same at batch 1 for data of one class: no CFG), mem64 (64^3 volume,
 # MiT-B batch 1, eager fm / fast: the 80 GB target; predicted 38.4 GiB), 2d (MiT-B/2 batch 32: eager
 # fm/naive/fast, then compiled fm/fast), cudagraphs (compile-mode reduce-overhead), blocks
@@ -104,7 +104,7 @@ for stage in $STAGES; do
             --out "$OUT/attention_jvp_d$1.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp_d$1.log"
       done ;;
     train)
-      timeout 240 python3 bench/gpu_train_check.py --out "$OUT/train_cuda.json" 2>&1 | filter | tee "$OUT/train_cuda.log" ;;
+      timeout 300 python3 bench/gpu_train_check.py --out "$OUT/train_cuda.json" 2>&1 | filter | tee "$OUT/train_cuda.log" ;;
     mfu-b|mfu-xl|mfu-pmf)
       # The MFU table: compiled fm / fast at larger per-GPU batches.
       case $stage in

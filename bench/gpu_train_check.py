@@ -11,10 +11,10 @@ passes, pinned-memory batches. This runs that path through train.main itself and
            eval.json), the median steps/s after the first logged interval (which holds the
            compile), and the wall time;
   resume   the same run to --resume-steps twice straight, and once stopped halfway then resumed
-           with --resume: whether each pair's final weights (model, EMA, optimizer state) are
-           bit-identical, else the largest absolute difference. Straight against straight is the
-           run-to-run floor: a resume is exact if it matches a straight run as closely as two
-           straight runs match each other.
+           with --resume, per attention backend: whether each pair's final weights (model, EMA,
+           optimizer state) are bit-identical, else the largest absolute difference. Straight
+           against straight is the run-to-run floor: a resume is exact if it matches a straight
+           run as closely as two straight runs match each other.
 Nothing is asserted: the JSON (rewritten after each run) holds what was seen. Without CUDA it runs
 on the CPU, for the suite, with whatever steps it is given.
 """
@@ -40,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="objectives of the learning runs (train.py --variant)")
     p.add_argument("--steps", type=int, default=2000, help="steps of each learning run (train.py's default)")
     p.add_argument("--resume-steps", type=int, default=200, help="steps of the resume runs (0 skips them)")
+    p.add_argument("--resume-attn-backends", nargs="+", choices=["auto", "torch", "triton"], default=["auto", "triton"],
+                   help="train.py --attn-backend of each set of resume runs: 'auto' takes SDPA's backward for the "
+                        "passes without a tangent (FlashAttention-2's backward adds dQ with atomics; cuDNN's may), "
+                        "'triton' fastmf's flash backward throughout (two kernels, no atomics)")
     p.add_argument("--eval-samples", type=int, default=1000, help="samples the judge sees (train.py's default)")
     p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a new temporary one)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.py --compile")
@@ -115,17 +119,19 @@ def main(argv=None):
         n, half = args.resume_steps, args.resume_steps // 2
         quiet = ["--eval-samples", "0", "--sample-every", str(10 * n), "--ckpt-every", str(half), "--log-every",
                  str(max(1, half // 2)), "--warmup-steps", str(half)]
-        walls = {}
-        for name, steps in (("straight", n), ("straight_again", n), ("split", half)):
-            walls[name] = run_train(train, work / f"resume_{name}", args, ["--steps", str(steps), *quiet])
-        walls["resumed"] = run_train(train, work / "resume_split", args, ["--steps", str(n), "--resume", *quiet])
-        straight = final_state(work / "resume_straight", n)
-        report["resume"] = {
-            "steps": n, "stopped_at": half, "wall_s": {k: round(v, 1) for k, v in walls.items()},
-            "straight_vs_straight": compare(straight, final_state(work / "resume_straight_again", n)),
-            "straight_vs_resumed": compare(straight, final_state(work / "resume_split", n))}
-        print(f"resume: {json.dumps(report['resume'])}")
-        save()
+        for backend in args.resume_attn_backends:
+            runs, walls = work / f"resume_{backend}", {}
+            flags = ["--attn-backend", backend, *quiet]
+            for name, steps in (("straight", n), ("straight_again", n), ("split", half)):
+                walls[name] = run_train(train, runs / name, args, ["--steps", str(steps), *flags])
+            walls["resumed"] = run_train(train, runs / "split", args, ["--steps", str(n), "--resume", *flags])
+            straight = final_state(runs / "straight", n)
+            report["resume"][backend] = {
+                "steps": n, "stopped_at": half, "wall_s": {k: round(v, 1) for k, v in walls.items()},
+                "straight_vs_straight": compare(straight, final_state(runs / "straight_again", n)),
+                "straight_vs_resumed": compare(straight, final_state(runs / "split", n))}
+            print(f"resume, attention {backend}: {json.dumps(report['resume'][backend])}")
+            save()
     print(f"wrote {args.out}; the runs are in {work}")
 
 

@@ -220,12 +220,13 @@ def test_gpu_train_check_learns_and_compares_resumed_weights(tmp_path):
     comparison; on the CPU here, a few steps."""
     out = tmp_path / "train.json"
     subprocess.run([sys.executable, str(ROOT / "bench/gpu_train_check.py"), "--steps", "4", "--resume-steps", "4",
-                    "--eval-samples", "4", "--no-compile", "--work", str(tmp_path / "runs"), "--out", str(out)],
+                    "--eval-samples", "4", "--no-compile", "--resume-attn-backends", "auto", "--work",
+                    str(tmp_path / "runs"), "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
     learn = report["learn"]["imf"]
     assert learn["eval"]["n"] == 4 and 0 <= learn["eval"]["agreement"] <= 1 and learn["wall_s"] > 0
-    resume = report["resume"]
+    resume = report["resume"]["auto"]
     assert resume["stopped_at"] == 2 and set(resume["wall_s"]) == {"straight", "straight_again", "split", "resumed"}
     for pair in ("straight_vs_straight", "straight_vs_resumed"):  # the CPU path is exact
         assert resume[pair]["identical"] and resume[pair]["max_abs_diff"] == 0 and resume[pair]["tensors"] > 100
