@@ -11,8 +11,8 @@ refused if that is nothing (a -k expression that matches no test); pytest-xdist'
 out there (the device image has xdist, this machine need not). Both run with the packages the
 device image lacks hidden (NOT_ON_THE_DEVICE), less those with a wheel in --wheels (the call
 carries them: bench/device_wheels.sh): a script or test that imports a hidden one is refused.
-`train.py ARGS` is parsed by train.py's own tyro parser, stopped the same way. `-c ...` and scripts that parse no arguments are listed as not checked. Exit status 1 if any
-command is refused.
+`train.py ARGS` is parsed by train.py's own tyro parser, stopped the same way. `-c ...` and
+scripts that parse no arguments are listed as not checked. Exit status 1 if any command is refused.
 """
 import argparse
 import importlib.abc

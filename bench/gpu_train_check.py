@@ -5,7 +5,8 @@
 
 Every figure in README's digits rows was trained on a CPU in fp32. On CUDA train.py takes another
 path: bf16 autocast, the compiled fast step with the Triton tangent kernel, SDPA for the plain
-passes, pinned-memory batches. This runs that path through train.main itself and records:
+passes, pinned-memory batches. This runs `python train.py` itself, each run in a process of its own
+as a user's (so a resumed run re-reads every cache from disk, autotuned tiles included), and records:
   learn    the default run (mit-tiny iMF on the embedded digits, 2,000 steps, batch 64; `--variants
            imf pmf` adds pMF): the 1-NFE judge's agreement and Frechet distance (train.py's
            eval.json), the median steps/s after the first logged interval (which holds the
@@ -19,9 +20,9 @@ Nothing is asserted: the JSON (rewritten after each run) holds what was seen. Wi
 on the CPU, for the suite, with whatever steps it is given.
 """
 import argparse
-import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +31,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # fastmf from this checkout: the device image has it uninstalled
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    # argparse: this script must parse on the device image even before tyro's wheels are installed
+    # argparse: this script parses where tyro is missing, to say so in one line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", choices=["imf", "pmf", "mf"], default=["imf"],
                    help="objectives of the learning runs (train.py --variant)")
@@ -51,27 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_train():
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
+def tyro_version() -> str:
+    """The version of tyro (train.py's parser), or a one-line exit where it is missing."""
     try:
-        spec.loader.exec_module(train)
-    except ModuleNotFoundError as e:
-        if e.name.split(".")[0] not in ("tyro", "docstring_parser", "typeguard"):
-            raise
-        sys.exit(f"error: train.py needs {e.name}, which this machine lacks (the device image: fetch the wheels with "
+        import tyro
+        return tyro.__version__
+    except ModuleNotFoundError:
+        sys.exit("error: train.py needs tyro, which this machine lacks (the device image: fetch the wheels with "
                  "`bash bench/device_wheels.sh` where pip works, carry .whl; bench/gpu_run.sh installs them)")
-    return train
 
 
-def run_train(train, out: Path, args, flags: list[str]) -> float:
-    """train.main with train.py's flags; its wall time in seconds."""
-    cfg = train.parse(["--out", str(out), *(["--compile"] if args.compile else ["--no-compile"]), *flags])
-    torch._dynamo.reset()  # each run compiles as a fresh process would (inductor's caches on disk still serve)
+def run_train(out: Path, args, flags: list[str]) -> float:
+    """`python train.py --out OUT FLAGS` in a process of its own; its wall time in seconds."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(out),
+           "--compile" if args.compile else "--no-compile", *flags]
     t0 = time.perf_counter()
-    train.main(cfg)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"error: {' '.join(cmd[1:])} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    print(run.stdout.strip())
     return time.perf_counter() - t0
 
 
@@ -92,11 +90,12 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
 
 
 def main(argv=None):
-    train = load_train()  # before parsing: bench/check_commands.py then refuses a call that lacks tyro
+    tyro = tyro_version()  # before parsing: bench/check_commands.py then refuses a call that lacks tyro's wheels
     args = parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="fastmf_train_check_"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    report = {"meta": {"device": device, "torch": torch.__version__, "args": vars(args)}, "learn": {}, "resume": {}}
+    meta = {"device": device, "torch": torch.__version__, "tyro": tyro, "args": vars(args)}
+    report = {"meta": meta, "learn": {}, "resume": {}}
 
     def save():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +103,8 @@ def main(argv=None):
 
     for variant in args.variants:
         out = work / f"learn_{variant}"
-        wall = run_train(train, out, args, ["--variant", variant, "--steps", str(args.steps),
-                                            "--eval-samples", str(args.eval_samples)])
+        wall = run_train(out, args, ["--variant", variant, "--steps", str(args.steps),
+                                     "--eval-samples", str(args.eval_samples)])
         rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
         later = [r["steps_per_s"] for r in rows[1:]]  # the first interval holds the compile
         report["learn"][variant] = {
@@ -123,8 +122,8 @@ def main(argv=None):
             runs, walls = work / f"resume_{backend}", {}
             flags = ["--attn-backend", backend, *quiet]
             for name, steps in (("straight", n), ("straight_again", n), ("split", half)):
-                walls[name] = run_train(train, runs / name, args, ["--steps", str(steps), *flags])
-            walls["resumed"] = run_train(train, runs / "split", args, ["--steps", str(n), "--resume", *flags])
+                walls[name] = run_train(runs / name, args, ["--steps", str(steps), *flags])
+            walls["resumed"] = run_train(runs / "split", args, ["--steps", str(n), "--resume", *flags])
             straight = final_state(runs / "straight", n)
             report["resume"][backend] = {
                 "steps": n, "stopped_at": half, "wall_s": {k: round(v, 1) for k, v in walls.items()},

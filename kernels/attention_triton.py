@@ -16,6 +16,7 @@ the kernels themselves to be forward-differentiable.
 
 Runs on CUDA, or on CPU in the Triton interpreter (TRITON_INTERPRET=1 set before importing triton).
 """
+import inspect
 import os
 
 import torch
@@ -58,6 +59,13 @@ def _prune(configs, named_args, **_):
 
 
 _PRUNE = {"early_config_prune": _prune}
+# Each autotune choice is kept in Triton's on-disk cache (keyed by kernel source, device, key
+# values and dtypes), so every process on a machine, a resumed run's too, launches the tile the
+# first one timed. The tile sets the order of the softmax and gradient sums: a process that timed
+# again and picked another (timings within noise of each other) would differ in the last bits.
+# Triton >= 3.2 has the option; the interpreter ignores it.
+_AUTOTUNE = {"prune_configs_by": _PRUNE} | (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 # Query-major kernels (forward, dQ) favour tall query tiles; the dK/dV kernel the transpose.
 # 128 x 128: about 20% fewer sm_90 instructions per score than 128 x 64 without spilling, except
 # the fused forward+JVP at D = 128 (bench/kernel_sass.py); the autotuner times it like the rest.
@@ -161,7 +169,7 @@ def _fwd_key_block(q, tq, k_head, v_head, tk_head, tv_head, k_strides, v_strides
 
 
 @triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM", "TANGENT_Q", "TANGENT_K", "TANGENT_V", "LAZY_RESCALE"],
-                 prune_configs_by=_PRUNE)
+                 **_AUTOTUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
               q_strides, k_strides, v_strides, tq_strides, tk_strides, tv_strides,
@@ -218,7 +226,7 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
 
 
 # reset_to_zero: the autotuner's timing runs would otherwise add into the dQ accumulator.
-@triton.autotune(_KEY_MAJOR, key=["N", "HEAD_DIM", "ATOMIC_DQ"], prune_configs_by=_PRUNE, reset_to_zero=["DQ"])
+@triton.autotune(_KEY_MAJOR, key=["N", "HEAD_DIM", "ATOMIC_DQ"], reset_to_zero=["DQ"], **_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV, DQ,
                    q_strides, k_strides, v_strides, go_strides, dk_strides, dv_strides, dq_strides,
@@ -266,7 +274,7 @@ def _attn_bwd_dkdv(Q, K, V, GO, LSE, DELTA, DK, DV, DQ,
     _store_rows(_head(DV, dv_strides, b, h), dv_strides, cols, N, dv, HEAD_DIM, BLOCK_D)
 
 
-@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM"], prune_configs_by=_PRUNE)
+@triton.autotune(_QUERY_MAJOR, key=["N", "HEAD_DIM"], **_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, GO, LSE, DELTA, DQ,
                  q_strides, k_strides, v_strides, go_strides, dq_strides,

@@ -2,6 +2,10 @@
 fp64 math attention. On CPU the kernels run in the Triton interpreter (see conftest.py), where
 fp32 / fp16 arithmetic is exact numpy but bf16 is not, so bf16 is checked on CUDA only."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +183,17 @@ def test_nested_jvp_is_refused():
     inner = lambda x: torch.func.jvp(lambda y: triton(y, y, y), (x,), (dq,))[1]
     with pytest.raises(NotImplementedError, match="first-order"):
         torch.func.jvp(inner, (q,), (dq,))
+
+
+def test_autotuned_tiles_are_kept_on_disk_for_later_processes():
+    """Outside the interpreter every autotuned kernel keeps its choice in Triton's cache, so a
+    resumed run launches the tiles (and sums in the order) the first process timed."""
+    code = ("from kernels import attention_triton as a; "
+            "print(all(k.cache_results for k in (a._attn_fwd, a._attn_bwd_dkdv, a._attn_bwd_dq)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "True", run.stderr[-2000:]
 
 
 @pytest.fixture
