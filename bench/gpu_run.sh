@@ -9,8 +9,9 @@
 #       as one, such as the per-weight casts: 113 of the 593 kernels of a 5-block fast step, step_bytes.py --kernels)
 #       are others to try on a launch-bound step, if the device's torch (2.11 in the image) has them:
 #       jvp_throughput.py refuses unknown options in a second
-#   later: "train" (train.py itself on CUDA: digits learning in bf16, compiled, and resume exactness; its
-#       wheels first: `bash bench/device_wheels.sh` here, then run's carry [".whl"]),
+#   later: "train" (train.py itself on CUDA: digits learning in bf16, compiled, and resume exactness, 9
+#       train.py processes, 360 s at most; its wheels first: `bash bench/device_wheels.sh` here, then
+#       run's carry [".whl"]),
 #       "3dcompiled-1class profile-compiled mem64", "mfu-xl mfu-pmf", "cudagraphs fid", "2d 3d blocks profile" (older tables)
 #   DRY=1 STAGES="..." bash bench/gpu_run.sh                          # on any machine, before a device call:
 #       every stage's commands are listed in $OUT/commands.txt instead of run, and bench/check_commands.py
@@ -104,7 +105,7 @@ for stage in $STAGES; do
             --out "$OUT/attention_jvp_d$1.json" 2>&1 | tail -8 | tee "$OUT/attention_jvp_d$1.log"
       done ;;
     train)
-      timeout 300 python3 bench/gpu_train_check.py --out "$OUT/train_cuda.json" 2>&1 | filter | tee "$OUT/train_cuda.log" ;;
+      timeout 360 python3 bench/gpu_train_check.py --out "$OUT/train_cuda.json" 2>&1 | filter | tee "$OUT/train_cuda.log" ;;
     mfu-b|mfu-xl|mfu-pmf)
       # The MFU table: compiled fm / fast at larger per-GPU batches.
       case $stage in
