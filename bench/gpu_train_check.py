@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,6 @@ def run_train(out: Path, args, flags: list[str]) -> float:
 
 
 def final_state(out: Path, step: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     return load_file(str(out / f"ckpt_{step:07d}.safetensors"))
 
 
