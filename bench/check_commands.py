@@ -52,7 +52,7 @@ def _stop_after_parsing():
 NOT_ON_THE_DEVICE = ("tyro", "wandb", "nibabel", "diffusers")
 
 
-def carried(wheels: str | None) -> list[str]:
+def carried_packages(wheels: str | None) -> list[str]:
     """The packages of NOT_ON_THE_DEVICE with a wheel in the folder `wheels` (NAME-VERSION-...whl)."""
     names = {w.name.split("-")[0].lower() for w in Path(wheels).glob("*.whl")} if wheels else set()
     return [n for n in NOT_ON_THE_DEVICE if n in names]
@@ -139,7 +139,7 @@ def main():
         sys.exit(f"error: no file {args.commands}")
     sys.path.insert(0, str(ROOT))  # as `python3 -m bench.X` run from the repo root has it
     _stop_after_parsing()
-    with_wheels = carried(args.wheels)
+    with_wheels = carried_packages(args.wheels)
     hide_what_the_device_lacks(with_wheels)
     if with_wheels:
         print(f"carried as wheels, so taken as on the device: {', '.join(with_wheels)}")

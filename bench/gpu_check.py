@@ -37,17 +37,17 @@ for size, variant in [((32, 32), "imf"), ((8, 8, 8), "pmf")]:
     for backend in ("triton", "auto", "auto-compiled", "auto-blocks"):
         model.set_attention_backend(backend.split("-")[0])
         model.compile_blocks(backend.endswith("blocks"))
-        if backend.endswith("compiled"):
-            fast, _ = compiled(x, y, d)
-        else:
-            fast, _ = fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")
+
+        def step():
+            if backend.endswith("compiled"):
+                return compiled(x, y, d)[0]
+            return fast_imf_loss_from_draws(apply, params, x, y, d, cfg, loss_backend="triton")[0]
+        fast = step()
         g_fast = torch.autograd.grad(fast, list(params.values()))
         rel = max(((a - b).norm() / (b.norm() + 1e-12)).item() for a, b in zip(g_fast, g_ref))
         # The same step again: bit-identical gradients, or the largest difference (SDPA's backward,
         # which 'auto' takes for the rows without a tangent, may add with atomics)
-        again = compiled(x, y, d)[0] if backend.endswith("compiled") else fast_imf_loss_from_draws(
-            apply, params, x, y, d, cfg, loss_backend="triton")[0]
-        g_again = torch.autograd.grad(again, list(params.values()))
+        g_again = torch.autograd.grad(step(), list(params.values()))
         rerun = max((a - b).abs().max().item() for a, b in zip(g_again, g_fast))
         print(f"{variant} {size} attention {backend}: loss ref {ref.item():.6f} fast {fast.item():.6f} "
               f"|diff| {abs(ref - fast).item():.2e}; worst relative gradient difference {rel:.2e}; "
