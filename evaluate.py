@@ -23,7 +23,7 @@ import torch
 import tyro
 
 from fastmf import distributed
-from fastmf.cli import fail, resolve_device
+from fastmf.cli import fail, resolve_device, writable_folder
 from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
 from fastmf.inception import load_fid_inception
 from fastmf.inference import generate, guidance, latent_decoder, load_model
@@ -211,8 +211,14 @@ def main(args: Args):
     if args.recipe is not None and (args.recipe not in RECIPES or RECIPES[args.recipe].evaluation is None):
         fail(f"--recipe {args.recipe}: choose one of {', '.join(n for n, r in RECIPES.items() if r.evaluation)}")
     dist = distributed.init(args.device, resolve_device)
+    ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "fid.json"
     try:
         model, params, meta = load_model(args.ckpt, "ema", dist.device)  # every fastmf checkpoint holds "ema"
+        if dist.is_main:  # refused now, not after the statistics and the sampling, which can take hours
+            writable_folder(out.parent, "--out")
+            if args.save_reference:
+                writable_folder(Path(args.save_reference).parent, "--save-reference")
         if args.recipe:
             args = with_evaluation(args, RECIPES[args.recipe].evaluation, converted="converted_from" in meta)
             intervals = [parse_interval(s) for s in args.interval]
@@ -232,8 +238,6 @@ def main(args: Args):
         reference = reference_stats(args, size, features, dist)
     except ValueError as e:
         fail(str(e))
-    ckpt = Path(args.ckpt)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "fid.json"
     metric = features.metric
     results = {"ckpt": str(ckpt), "reference": args.reference, "features": features.name,
                "num_samples": args.num_samples, "seed": args.seed, "settings": [], "best": None}

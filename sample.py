@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import tyro
 
-from fastmf.cli import fail, resolve_device
+from fastmf.cli import fail, resolve_device, writable_folder
 from fastmf.images import save_grid, save_nifti, save_npz
 from fastmf.inference import guidance, latent_decoder, load_model, sample_labels
 
@@ -63,6 +63,7 @@ def main(args: Args):
     if not out.name.endswith((".png", ".npz", ".nii.gz", ".nii")):
         fail(f"--out must end in .png, .npz, .nii.gz or .nii, got {out}")
     model, params, meta = load_model(args.ckpt, args.weights, device)
+    writable_folder(out.parent, "--out")  # before the sampling
     omega = guidance(model, args.omega, (args.t_min, args.t_max))
     num_classes, spec = model.spec.num_classes, model.spec
     trained_on = meta.get("config", {}).get("data", {}).get("data")
@@ -85,7 +86,6 @@ def main(args: Args):
     x = sample_labels(model, params, labels, args.seed, omega, args.nfe, (args.t_min, args.t_max))
     if args.vae:
         x = latent_decoder(args.vae, meta, device)(x)                                # (B, 3, H, W) in [-1, 1]
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
     elif out.name.endswith(".npz"):

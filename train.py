@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from fastmf import distributed
-from fastmf.cli import fail, resolve_device
+from fastmf.cli import fail, resolve_device, writable_folder
 from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints, read_meta,
                          unflatten_state)
 from fastmf.config import TrainConfig, parse
@@ -67,6 +67,8 @@ def check_config(cfg: TrainConfig):
     for name, value in dict(adam_b1=optim.adam_b1, adam_b2=optim.adam_b2).items():
         if not 0 <= value < 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if not 0 <= cfg.seed < 2**32:  # the built-in datasets' splits take numpy's 32-bit seeds
+        fail(f"--seed must be in [0, 2^32), got {cfg.seed}")
     if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
         fail(f"--patch-size must be >= 1, got {cfg.model.patch_size}")
     if run.sample_omega is not None and not (run.sample_omega >= 1 and math.isfinite(run.sample_omega)):
@@ -361,7 +363,7 @@ def setup(cfg: TrainConfig) -> Run:
               f"{', bf16' if use_bf16 else ''}; out {out}")
         if cfg.run.compile and state.step < cfg.run.steps:
             print(f"compiling the train step ({scope} scope) on its first call (--no-compile skips it)")
-        out.mkdir(parents=True, exist_ok=True)
+        writable_folder(out, "--out")  # after the data are read: --out may lie inside an image folder
         prune_checkpoints(out, cfg.run.keep_checkpoints)  # also removes temp files of killed saves
     logger = Logger(cfg, out, state.step, resumed) if main_rank else None
     return Run(cfg, ocfg, dist, use_bf16, data, sampler, rows, model, params, opt, state, checkpoints, step_loss,

@@ -1,5 +1,7 @@
 """What the command-line entry points share: one-line errors for users, the device choice."""
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -21,3 +23,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: this torch build or machine has no CUDA; use --device cpu")
     return device
+
+
+def writable_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` (and its parents) and check that files can be written there, so that a bad
+    output path is refused in one line before any work, not after hours of it."""
+    if folder.exists() and not folder.is_dir():
+        fail(f"{flag}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # read-only filesystems pass mkdir's exist_ok
+    except OSError as e:
+        fail(f"{flag}: cannot write to the folder {folder} ({e.strerror or e})")
+    return folder

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastmf.cli import fail, resolve_device
+from fastmf.cli import fail, resolve_device, writable_folder
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import to_model_range
 
@@ -68,10 +68,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     vae = load_vae(args.vae, device)
+    out = writable_folder(Path(args.out), "--out")  # after the images are listed: it may lie among them
     norm = ({"kind": "scale", "scaling_factor": float(vae.config.scaling_factor)} if args.norm == "sd"
             else {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     n_shards = -(-len(images) // args.shard_size)
     todo = [k for k in range(n_shards) if not shard_file(out, k).exists()]

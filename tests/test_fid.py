@@ -163,6 +163,12 @@ def test_evaluate_sweeps_and_gives_the_same_numbers_on_two_ranks(tmp_path, incep
     c = json.loads((tmp_path / "c.json").read_text())["settings"]
     assert [(s["omega"], s["interval"], s["weights"]) for s in c] == [(8.0, [0.4, 0.65], "ema")]  # its eval_config
 
+    # refused before the reference statistics and the samples are computed, not when they are written
+    (tmp_path / "a_file").write_text("")
+    for flag in ("--out", "--save-reference"):
+        r = run(1, *common, "--reference", str(tmp_path / "ref"), flag, str(tmp_path / "a_file" / "x"))
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {flag}: {tmp_path / 'a_file'} is a file, not a folder", \
+            r.stderr
     r = run(1, *common, "--reference", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "missing.pth"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "missing.pth: no such file" in r.stderr
 

@@ -63,6 +63,10 @@ def test_prepare_latents_train_and_decode(tmp_path):
     r = run("-m", "fastmf.prepare_latents", str(tmp_path / "img"), str(lat), "--vae", str(tmp_path / "vae"),
             "--image-size", "16", "--shard-size", "4", "--workers", "0")
     assert "(2 already there)" in r.stdout and shards[2].exists() and shards[0].stat().st_mtime_ns == mtime
+    r = subprocess.run([sys.executable, "-m", "fastmf.prepare_latents", str(tmp_path / "img"), str(shards[0]),
+                        "--vae", str(tmp_path / "vae")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"error: --out: {shards[0]} is a file, not a folder", \
+        r.stderr  # (diffusers may warn above it)
 
     data = load_dataset(str(lat))
     assert len(data.source) == 10 and data.num_classes == 2 and data.sample_shape == (4, 8, 8)

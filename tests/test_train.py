@@ -35,7 +35,7 @@ def small(out, **kw):
     return train.parse(flags)
 
 
-def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
+def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(small(straight))
     train.main(small(split, steps=3))
@@ -62,6 +62,9 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path):
     png = tmp_path / "g.png"
     sample_script.main(sample_script.Args(ckpt=str(straight), out=str(png), n=2, nfe=2))
     assert png.stat().st_size > 0
+    with pytest.raises(SystemExit):  # refused before the sampling, not when the samples are written
+        sample_script.main(sample_script.Args(ckpt=str(straight), out=str(png / "g.png")))
+    assert capsys.readouterr().err == f"error: --out: {png} is a file, not a folder\n"
 
 
 def test_batch_without_flow_matching_samples_warns(tmp_path, capsys):
@@ -112,6 +115,7 @@ def run_cli(*args):
     (["--eval-samples", "2"], "--eval-samples must be 0 (no report) or >= 4, got 2"),
     (["--sample-omega", "0.5"], "--sample-omega must be a finite number >= 1 (1: no guidance), got 0.5"),
     (["--cfg-max", "-1"], "--cfg-max must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
 ])
 def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
     r = run_cli("train.py", "--out", str(tmp_path / "x"), *args)
@@ -120,6 +124,20 @@ def test_bad_cli_values_give_one_line_errors(tmp_path, args, message):
         assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
     else:
         assert args[0] in ("--model", "--data-proportion", "--P-std", "--cfg-max"), r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.py", "--out", "{file}"], "--out: {file} is a file, not a folder"),
+    (["train.py", "--out", "{file}/run"], "--out: cannot write to the folder {file}/run (Not a directory)"),
+])
+def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, args, message):
+    """Before the first step (sample.py: test_train_resume_is_exact_and_sample_writes_outputs;
+    evaluate.py: tests/test_fid.py; prepare_latents: tests/test_latents.py)."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    fill = lambda s: s.format(file=file, tmp=tmp_path)
+    r = run_cli(*map(fill, args))
+    assert r.returncode == 2 and r.stderr.strip() == "error: " + fill(message), r.stderr
 
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):
