@@ -2,8 +2,9 @@
 
 One checkpoint is one .safetensors file: tensors under grouped names ("params.<name>",
 "ema.<name>", "opt.<param>.<key>") and a JSON `meta` dict in the file's metadata, so one
-os.replace publishes tensors and meta together. A CRC32 of every tensor's bytes is stored beside
-them and checked at load: a file with flipped bytes is refused, not loaded as garbage weights.
+os.replace publishes tensors and meta together. A CRC32 of every tensor's bytes and of the meta is
+stored beside them and checked at load: a file with flipped bytes is refused, not loaded as garbage
+weights or a wrong step.
 
     tensors = flatten_state({"params": params, "ema": ema, "opt": opt_t})
     save_checkpoint(path, tensors, {"step": step, "opt": opt_meta, "config": ...})
@@ -34,6 +35,10 @@ def crc32(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def meta_crc32(meta_json: str) -> int:
+    return zlib.crc32(meta_json.encode())
+
+
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
     """Write `tensors` and JSON-serialisable `meta` to `path` (.safetensors) atomically.
 
@@ -50,8 +55,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor")
+        if not isinstance(t, torch.Tensor) or name == _META_KEY:
+            raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor" if name != _META_KEY
+                             else f"{_META_KEY!r} is reserved for the meta's checksum")
         t = t.detach().cpu().contiguous()
         # safetensors refuses tensors that share memory (tied weights, views): copy repeats.
         ptr = t.untyped_storage().data_ptr()
@@ -60,7 +66,7 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        crcs = json.dumps({name: crc32(t) for name, t in out.items()})
+        crcs = json.dumps({name: crc32(t) for name, t in out.items()} | {_META_KEY: meta_crc32(meta_json)})
         save_file(out, str(tmp), metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
         # safetensors creates the file owner-only (0600); give it the mode a plain open() would.
         umask = os.umask(0)
@@ -79,19 +85,31 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
             os.close(fd)
 
 
+def _open(path: Path, read_tensors: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors or {}, meta, the tensors' CRC32s) of a checkpoint, its meta checked against its CRC32."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}
+            header = f.metadata() or {}
+        meta_json, crcs = header.get(_META_KEY, "{}"), json.loads(header.get(_CRC_KEY, "{}"))
+        meta = json.loads(meta_json)
+    except Exception as e:  # safetensors and json raise their own types for damaged files
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+    # Checkpoints written before the meta had a checksum (2026-12-07) carry none; a flipped byte in
+    # the key itself is caught below, as a checksum of a tensor that is not there.
+    expected = crcs.pop(_META_KEY, None)
+    if expected is not None and meta_crc32(meta_json) != expected:
+        raise ValueError(f"checkpoint {path} is corrupt: its meta (step, config, model record) fails its checksum")
+    return tensors, meta, crcs
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint -> (tensors on CPU, meta), every tensor checked against its stored CRC32.
-    Files without fastmf meta give meta {} (and are not checked: they carry no checksums)."""
+    """Read a checkpoint -> (tensors on CPU, meta), every tensor and the meta checked against their
+    stored CRC32s. Files without fastmf meta give meta {} (and are not checked: they carry no checksums)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            header = f.metadata() or {}
-        meta, crcs = json.loads(header.get(_META_KEY, "{}")), json.loads(header.get(_CRC_KEY, "{}"))
-    except Exception as e:  # safetensors and json raise their own types for damaged files
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+    tensors, meta, crcs = _open(path, read_tensors=True)
     bad = [k for k, c in crcs.items() if k not in tensors or crc32(tensors[k]) != c]
     if bad:
         raise ValueError(f"checkpoint {path} is corrupt: {len(bad)} tensor(s) fail their checksum ({bad[0]}, ...)")
@@ -99,12 +117,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def read_meta(path: str | Path) -> dict:
-    """A checkpoint's meta alone (its header; no tensor is read or checked); ValueError if unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-    except Exception as e:  # safetensors and json raise their own types for damaged files
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+    """A checkpoint's meta alone (its header, checked; no tensor is read); ValueError if unreadable."""
+    return _open(Path(path), read_tensors=False)[1]
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

@@ -129,6 +129,25 @@ def test_flipped_bytes_are_refused_and_the_newest_good_checkpoint_is_found(tmp_p
         newest_good_checkpoint(tmp_path)
 
 
+def test_a_changed_meta_is_refused_and_old_checkpoints_still_load(tmp_path):
+    """The step, config and model record are checked too: a flipped digit that leaves valid JSON
+    would otherwise resume at the wrong step."""
+    from safetensors.torch import save_file
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, {"w": torch.ones(4)}, {"state": {"step": 12345}})
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"12345", b"12385", 1))
+    for read in (load_checkpoint, ckpt.read_meta):
+        with pytest.raises(ValueError, match="is corrupt: its meta .* fails its checksum"):
+            read(path)
+    # A checkpoint written before the meta had a checksum: its tensors are checked, its meta read.
+    save_file({"w": torch.ones(4)}, str(path), metadata={"fastmf_meta": '{"step": 7}',
+                                                         "fastmf_crc32": f'{{"w": {ckpt.crc32(torch.ones(4))}}}'})
+    assert load_checkpoint(path)[1] == {"step": 7} == ckpt.read_meta(path)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(path, {"fastmf_meta": torch.ones(1)}, {})
+
+
 def test_run_state_refuses_non_finite_weights_at_load():
     from fastmf.run_state import RunState
     p = {"w": torch.zeros(3, requires_grad=True)}
