@@ -18,7 +18,7 @@ from fastmf.cli import fail
 from fastmf.config import TrainConfig
 from fastmf.models import Backbone
 from fastmf.run_state import RunState
-from fastmf.sharded_ckpt import list_sharded, load_sharded, save_sharded
+from fastmf.sharded_ckpt import damaged_files, list_sharded, load_sharded, save_sharded
 
 
 def training_options(cfg: TrainConfig) -> dict:
@@ -63,11 +63,24 @@ class Checkpoints:
         save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
         prune_checkpoints(self.out, keep)
 
+    def newest_good_sharded(self) -> Path:
+        """The newest sharded checkpoint whose files pass their checksums: each rank checks its share
+        of the files, and all take the same decision."""
+        paths = list_sharded(self.out)
+        for path in paths:
+            damaged = damaged_files(path, self.dist.rank, self.dist.world)
+            if not self.dist.any(bool(damaged)):
+                return path
+            if damaged:
+                print(f"warning: skipped a damaged checkpoint: {path}: {len(damaged)} file(s) fail their checksum "
+                      f"({damaged[0]}, ...)", file=sys.stderr)
+        raise ValueError(f"none of the {len(paths)} sharded checkpoints is readable")
+
     def resume(self, state: RunState):
         """Load the newest good checkpoint into state (every rank reads it)."""
         try:
             if self.sharded:
-                path = list_sharded(self.out)[0]
+                path = self.newest_good_sharded()
                 meta = json.loads((path / "meta.json").read_text())
             else:
                 path, tensors, meta, skipped = newest_good_checkpoint(self.out)

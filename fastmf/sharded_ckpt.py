@@ -1,17 +1,23 @@
 """Sharded checkpoints of FSDP2 runs through torch.distributed.checkpoint (DCP).
 
 A checkpoint is a folder OUT/ckpt_STEP.dcp: DCP's files (every rank writes its shards of params,
-EMA and optimizer state) plus meta.json (rank 0: the step, config, model record, world size).
+EMA and optimizer state), meta.json (rank 0: the step, config, model record, world size) and
+checksums.json (rank 0: a CRC32 of every other file, checked before a load: DCP keeps none).
 It is written under a temporary name and renamed when complete, so a killed save leaves no
-half checkpoint. DCP reshards at load: a run may resume on another world size.
+half checkpoint. DCP reshards at load: a run may resume on another world size. DCP's own index
+(.metadata) is a pickle: it is read by an unpickler that builds DCP's metadata classes only.
 
     save_sharded(OUT, state, model, meta)          # every rank
+    damaged_files(path, rank, world)               # every rank its share, before a load
     load_sharded(path, state, model)               # every rank, into the sharded state
     groups, meta = load_full(path)                 # one process: full tensors, e.g. for sampling
 """
 import json
+import os
+import pickle
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -21,6 +27,68 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from fastmf.run_state import RunState
 
 DCP_PATTERN = re.compile(r"ckpt_(\d+)\.dcp")
+CHECKSUMS = "checksums.json"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds what DCP's .metadata holds (its metadata dataclasses, sizes, dtypes, paths) and
+    refuses every other global, so a crafted checkpoint cannot run code."""
+    DCP = {("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+        ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.DCP or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+class _Reader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_synced(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load(state: dict, path: Path, **kwargs):
+    """dcp.load from `path`; its CheckpointException (a BaseException) becomes a ValueError."""
+    try:
+        dcp.load(state, storage_reader=_Reader(path), **kwargs)
+    except dcp.api.CheckpointException as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {str(e).strip().splitlines()[-1]}") from None
+
+
+def damaged_files(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """This rank's share (every world-th file) of the checkpoint's files that are missing or fail
+    their CRC32; [] for checkpoints written before checksums.json (2026-12-07)."""
+    try:
+        crcs = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        return [CHECKSUMS]
+    names = sorted(crcs)[rank::world]
+    return [n for n in names if not (path / n).is_file() or _file_crc32(path / n) != crcs[n]]
 
 
 def sharded_path(folder: str | Path, step: int) -> Path:
@@ -45,9 +113,15 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
     dcp.save({"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)},
              checkpoint_id=str(tmp))
     if is_main:
-        (tmp / "meta.json").write_text(json.dumps(meta | {"state": {"step": state.step, "emas": list(state.emas)}}))
+        _write_synced(tmp / "meta.json", json.dumps(meta | {"state": {"step": state.step, "emas": list(state.emas)}}))
+        _write_synced(tmp / CHECKSUMS, json.dumps({f.name: _file_crc32(f) for f in sorted(tmp.iterdir())}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fd = os.open(final.parent, os.O_RDONLY)  # persist the rename
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         for old in list_sharded(folder)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -57,7 +131,7 @@ def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
     """Load a sharded checkpoint into the (sharded) run state, in place; returns its meta."""
     meta = json.loads((path / "meta.json").read_text())
     target = {"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)}
-    dcp.load(target, checkpoint_id=str(path))
+    _load(target, path)
     set_optimizer_state_dict(model, state.opt, target["opt"])
     state.step = int(meta["state"]["step"])
     return meta
@@ -65,9 +139,13 @@ def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
 
 def load_full(path: Path, template: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict]:
     """params and EMAs of a sharded checkpoint as full tensors in one process (no process group):
-    `template` maps parameter names to tensors of the right shapes (a model's state)."""
+    `template` maps parameter names to tensors of the right shapes (a model's state). ValueError
+    if a file fails its checksum."""
+    damaged = damaged_files(path)
+    if damaged:
+        raise ValueError(f"checkpoint {path} is corrupt: {len(damaged)} file(s) fail their checksum ({damaged[0]}, ...)")
     meta = json.loads((path / "meta.json").read_text())
     names = ["params", *meta["state"].get("emas", ["ema"])]
     groups = {g: {k: torch.empty_like(v) for k, v in template.items()} for g in names}
-    dcp.load(groups, checkpoint_id=str(path), no_dist=True)
+    _load(groups, path, no_dist=True)
     return groups, meta

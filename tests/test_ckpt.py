@@ -157,3 +157,37 @@ def test_run_state_refuses_non_finite_weights_at_load():
     tensors["ema.w"][1] = float("nan")
     with pytest.raises(ValueError, match="checkpoint ema hold non-finite values"):
         state.load_state_dict(tensors, meta)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo ran > ran.txt",))
+
+
+def test_sharded_checkpoints_are_checked_and_their_pickled_index_cannot_run_code(tmp_path, monkeypatch):
+    """DCP keeps no checksums and its .metadata index is a pickle: load_full checks checksums.json
+    first, and reads the index with an unpickler that builds DCP's metadata classes only."""
+    import json
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from fastmf.sharded_ckpt import CHECKSUMS, damaged_files, load_full
+    monkeypatch.chdir(tmp_path)
+    net = torch.nn.Linear(3, 4)
+    path = tmp_path / "ckpt_0000001.dcp"
+    dcp.save({"params": dict(net.named_parameters())}, checkpoint_id=str(path), no_dist=True)
+    (path / "meta.json").write_text(json.dumps({"state": {"emas": []}}))
+    (path / CHECKSUMS).write_text(json.dumps({f.name: ckpt.zlib.crc32(f.read_bytes()) for f in path.iterdir()}))
+    groups, _ = load_full(path, dict(net.named_parameters()))
+    assert torch.equal(groups["params"]["weight"], net.weight.detach()) and damaged_files(path) == []
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    # two ranks share the three files (.metadata, __0_0.distcp, meta.json): rank 1 checks the shard
+    assert damaged_files(path) == damaged_files(path, 1, 2) == [shard.name] and damaged_files(path, 0, 2) == []
+    with pytest.raises(ValueError, match="is corrupt: 1 file\\(s\\) fail their checksum"):
+        load_full(path, dict(net.named_parameters()))
+    (path / CHECKSUMS).unlink()  # as a checkpoint written before checksums.json, with a crafted index
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ValueError, match="cannot be read: .*posix.system is not part of DCP's metadata"):
+        load_full(path, dict(net.named_parameters()))
+    assert not (tmp_path / "ran.txt").exists()

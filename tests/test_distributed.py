@@ -188,6 +188,18 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
     subprocess.run([sys.executable, "sample.py", "--ckpt", str(sharded), "--out", str(npz), "--labels", "1,2"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert npz.exists()
+    # Flipped bytes in a shard of the newest checkpoint (DCP checks nothing itself): checksums.json
+    # catches them, and sample.py and a resumed run both fall back to the checkpoint before it.
+    assert (path / "checksums.json").is_file()
+    shard = max(path.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[-64:-60] = bytes(255 - b for b in data[-64:-60])
+    shard.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(sharded), "--out", str(npz)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"skipped a damaged checkpoint {path}: checkpoint {path} is corrupt" in r.stderr, r.stderr
+    r = launch(2, sharded, "--parallel", "fsdp", "--steps", "6", "--resume")
+    assert "skipped a damaged checkpoint" in r.stderr and "resumed ckpt_0000004.dcp at step 4" in r.stdout
 
 
 
