@@ -4,8 +4,9 @@ A checkpoint is a folder OUT/ckpt_STEP.dcp: DCP's files (every rank writes its s
 EMA and optimizer state), meta.json (rank 0: the step, config, model record, world size) and
 checksums.json (rank 0: a CRC32 of every other file, checked before a load: DCP keeps none).
 It is written under a temporary name and renamed when complete, so a killed save leaves no
-half checkpoint. DCP reshards at load: a run may resume on another world size. DCP's own index
-(.metadata) is a pickle: it is read by an unpickler that builds DCP's metadata classes only.
+half checkpoint. DCP reshards at load: a run may resume on another world size. DCP pickles its
+index (.metadata) and non-tensor entries: they are read by unpicklers that build DCP's metadata
+classes and plain values only.
 
     save_sharded(OUT, state, model, meta)          # every rank
     damaged_files(path, rank, world)               # every rank its share, before a load
@@ -33,14 +34,14 @@ CHECKSUMS = "checksums.json"
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds what DCP's .metadata holds (its metadata dataclasses, sizes, dtypes, paths) and
     refuses every other global, so a crafted checkpoint cannot run code."""
-    DCP = {("torch.distributed.checkpoint.metadata", n) for n in (
+    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
         ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.DCP or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
 
@@ -70,12 +71,25 @@ def _write_synced(path: Path, text: str):
         os.fsync(f.fileno())
 
 
+class _Planner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):
+        # Non-tensor entries (the optimizer's lr, betas, ...) are torch.save'd values, which DCP reads
+        # with weights_only=False: read them weights-only first, which refuses anything but plain data.
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"entry {read_item.dest_index.fqn!r} holds more than plain data") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def _load(state: dict, path: Path, **kwargs):
-    """dcp.load from `path`; its CheckpointException (a BaseException) becomes a ValueError."""
+    """dcp.load from `path`, reading no code; its CheckpointException (a BaseException) becomes a ValueError."""
     try:
-        dcp.load(state, storage_reader=_Reader(path), **kwargs)
+        dcp.load(state, storage_reader=_Reader(path), planner=_Planner(), **kwargs)
     except dcp.api.CheckpointException as e:
-        raise ValueError(f"checkpoint {path} cannot be read: {str(e).strip().splitlines()[-1]}") from None
+        why = re.sub(r"^\w+: ", "", str(e).strip().splitlines()[-1])  # the last line of the reader's traceback
+        raise ValueError(f"checkpoint {path} cannot be read: {why}") from None
 
 
 def damaged_files(path: Path, rank: int = 0, world: int = 1) -> list[str]:

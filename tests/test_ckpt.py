@@ -171,7 +171,7 @@ def test_sharded_checkpoints_are_checked_and_their_pickled_index_cannot_run_code
     import pickle
 
     import torch.distributed.checkpoint as dcp
-    from fastmf.sharded_ckpt import CHECKSUMS, damaged_files, load_full
+    from fastmf.sharded_ckpt import CHECKSUMS, _load, damaged_files, load_full
     monkeypatch.chdir(tmp_path)
     net = torch.nn.Linear(3, 4)
     path = tmp_path / "ckpt_0000001.dcp"
@@ -190,4 +190,13 @@ def test_sharded_checkpoints_are_checked_and_their_pickled_index_cannot_run_code
     (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
     with pytest.raises(ValueError, match="cannot be read: .*posix.system is not part of DCP's metadata"):
         load_full(path, dict(net.named_parameters()))
+    # Non-tensor entries (an optimizer's lr, betas) are pickled by DCP too: plain values load, code does not.
+    other = tmp_path / "other.dcp"
+    dcp.save({"lr": 0.5, "betas": (0.9, 0.95), "code": _RunsCode()}, checkpoint_id=str(other), no_dist=True)
+    (tmp_path / "ran.txt").unlink(missing_ok=True)  # pickling _RunsCode at save ran nothing; be sure
+    plain = {"lr": 0.0, "betas": (0.0, 0.0)}
+    _load(plain, other, no_dist=True)
+    assert plain == {"lr": 0.5, "betas": (0.9, 0.95)}
+    with pytest.raises(ValueError, match="cannot be read: entry 'code' holds more than plain data"):
+        _load({"code": None}, other, no_dist=True)
     assert not (tmp_path / "ran.txt").exists()
