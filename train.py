@@ -118,6 +118,13 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
     return model
 
 
+def default_workers() -> int:
+    """8 DataLoader workers per rank, or this rank's share of the CPU cores where that is fewer (more
+    workers than cores only contend; DataLoader warns of it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def restarted_job() -> bool:
     """A worker restarted by torchrun --max-restarts (it resumes by itself)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -381,7 +388,7 @@ def train(run: Run) -> StopSignal:
     step_loss, logger, checkpoints = run.step_loss, run.logger, run.checkpoints
     stop, bad_in_row, skipped = StopSignal(), 0, 0
     B = cfg.data.batch_size
-    workers = cfg.data.workers if cfg.data.workers is not None else 8 if data.streaming else 0
+    workers = cfg.data.workers if cfg.data.workers is not None else default_workers() if data.streaming else 0
     batches = step_batches(data.source, sampler, rows_in_order(rows, B, ocfg.data_proportion), state.step,
                            lambda s: flips(cfg.seed, s, B) if cfg.data.hflip else torch.zeros(B, dtype=torch.bool),
                            workers, pin_memory=device.type == "cuda", seed=cfg.seed)

@@ -86,7 +86,8 @@ class DataOptions:
     """Random horizontal flips of the training samples, keyed by (seed, step, row). Default off: the iMF,
     pMF and MF input pipelines have a flip flag but run without it (latents: the flag is never read)."""
     workers: int | None = None
-    """DataLoader processes decoding images per rank (default: 8 for image folders, 0 for data in memory)."""
+    """DataLoader processes decoding images per rank (default: 8 for image folders, fewer where a rank's share
+    of the CPU cores is smaller; 0 for data in memory)."""
     skip_bad_files: bool = False
     """Skip images that do not decode (counted, a summary line per epoch) instead of stopping with an error."""
 

@@ -271,3 +271,11 @@ def test_pmf_with_both_perceptual_terms_trains_and_needs_its_weight_files(tmp_pa
     with pytest.raises(SystemExit):
         train.main(small(tmp_path / "y", steps=1, lpips_weights=tmp_path / "none.pth", convnext_weights=cnx_file, **perc))
     assert "--lpips-weights" in capsys.readouterr().err
+
+
+def test_default_workers_are_at_most_a_ranks_share_of_the_cores(monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for local_ranks, workers in (("1", 8), ("4", 4), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+        assert train.default_workers() == workers
