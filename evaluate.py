@@ -24,6 +24,7 @@ import tyro
 
 from fastmf import distributed
 from fastmf.cli import fail, resolve_device, writable_folder
+from fastmf.data.loader import default_workers
 from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
 from fastmf.inception import load_fid_inception
 from fastmf.inference import generate, guidance, latent_decoder, load_model
@@ -75,8 +76,8 @@ class Args:
     """Latent models: the local diffusers AutoencoderKL folder that decodes samples to images."""
     save_reference: str | None = None
     """Write the statistics computed from an image-folder --reference to this .npz."""
-    workers: int = 4
-    """DataLoader workers that decode reference images."""
+    workers: int | None = None
+    """DataLoader workers that decode reference images (default: 8, or this rank's share of the CPU cores)."""
     out: str | None = None
     """Results JSON (default: fid.json beside the checkpoint)."""
     device: str = "auto"
@@ -200,6 +201,7 @@ def main(args: Args):
     if args.num_samples < 2 or args.batch_size < 1 or not args.nfe or min(args.nfe) < 1 or not args.weights:
         fail(f"need --num-samples >= 2, --batch-size >= 1, --nfe >= 1 and some --weights; got {args.num_samples}, {args.batch_size}, "
              f"{args.nfe}, {args.weights}")
+    args = dataclasses.replace(args, workers=default_workers() if args.workers is None else args.workers)
     if args.workers < 0:
         fail(f"--workers must be >= 0, got {args.workers}")
     if any(w < 1 for w in args.omega):

@@ -27,7 +27,7 @@ from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoi
                          unflatten_state)
 from fastmf.config import TrainConfig, parse
 from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model_range
-from fastmf.data.loader import flips
+from fastmf.data.loader import default_workers, flips
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.inference import default_omega, sample_labels
@@ -116,13 +116,6 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
         fail(f"--init-from {path}: {str(e).splitlines()[0]}")
     model.set_attention_backend(cfg.model.attn_backend)
     return model
-
-
-def default_workers() -> int:
-    """8 DataLoader workers per rank, or this rank's share of the CPU cores where that is fewer (more
-    workers than cores only contend; DataLoader warns of it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def restarted_job() -> bool:

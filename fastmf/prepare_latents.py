@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fastmf.cli import fail, resolve_device, writable_folder
 from fastmf.data.image_folder import ImageFolder
-from fastmf.data.loader import to_model_range
+from fastmf.data.loader import default_workers, to_model_range
 
 
 # iMF's per-channel latent statistics of sd-vae-ft-mse on ImageNet (imeanflow utils/vae_util.py)
@@ -55,7 +55,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=256, help="centre crop and resize to this size")
     p.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader processes decoding images (default: 8, or fewer on a machine with fewer cores)")
     p.add_argument("--norm", choices=["sd", "imf"], default="sd",
                    help="latent normalisation: 'sd' times the VAE's scaling factor (MF), 'imf' iMF's per-channel constants")
     p.add_argument("--device", default="auto")

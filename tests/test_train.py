@@ -275,7 +275,9 @@ def test_pmf_with_both_perceptual_terms_trains_and_needs_its_weight_files(tmp_pa
 
 def test_default_workers_are_at_most_a_ranks_share_of_the_cores(monkeypatch):
     import os
+
+    from fastmf.data.loader import default_workers
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     for local_ranks, workers in (("1", 8), ("4", 4), ("32", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
-        assert train.default_workers() == workers
+        assert default_workers() == workers

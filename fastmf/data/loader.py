@@ -1,6 +1,8 @@
 """Which samples make each step's global batch, and the loader that streams this rank's rows."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)  # splitmix64 multipliers: distinct keys for (seed, step, row)
@@ -15,6 +17,12 @@ def flips(seed: int, step: int, B: int) -> torch.Tensor:
     """bool (B,): the random horizontal flips of step `step`'s batch (data augmentation)."""
     return torch.rand(B, generator=torch.Generator().manual_seed(stream_key(seed, step, -2))) < 0.5
 
+
+def default_workers() -> int:
+    """8 DataLoader workers per rank, or this rank's share of the CPU cores where that is fewer (more
+    workers than cores only contend; DataLoader warns of it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 class EpochSampler:
