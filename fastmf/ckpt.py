@@ -77,8 +77,13 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if os.name == "posix":  # persist the rename itself; Windows cannot open a folder to fsync
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Persist a rename into `folder` (POSIX; Windows cannot open a folder to fsync)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from fastmf.ckpt import fsync_folder
 from fastmf.run_state import RunState
 
 DCP_PATTERN = re.compile(r"ckpt_(\d+)\.dcp")
@@ -48,7 +49,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class _Reader(dcp.FileSystemReader):
     def read_metadata(self, *args, **kwargs):
-        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+        rank = kwargs.get("rank")  # newer DCP falls back to per-rank indexes (__RANK.metadata)
+        with open(Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
             metadata.storage_meta = dcp.metadata.StorageMeta()
@@ -131,11 +133,7 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
         _write_synced(tmp / CHECKSUMS, json.dumps({f.name: _file_crc32(f) for f in sorted(tmp.iterdir())}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        fd = os.open(final.parent, os.O_RDONLY)  # persist the rename
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(final.parent)
         for old in list_sharded(folder)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
