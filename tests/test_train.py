@@ -135,7 +135,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path
     evaluate.py: tests/test_fid.py; prepare_latents: tests/test_latents.py)."""
     file = tmp_path / "a_file"
     file.write_text("")
-    fill = lambda s: s.format(file=file, tmp=tmp_path)
+    fill = lambda s: s.format(file=file)
     r = run_cli(*map(fill, args))
     assert r.returncode == 2 and r.stderr.strip() == "error: " + fill(message), r.stderr
 
