@@ -48,6 +48,8 @@ class Args:
     vae: str | None = None
     """Latent models: decode the samples to images with this local diffusers AutoencoderKL folder (the
     training latents' normalisation, recorded in the checkpoint, is undone first)."""
+    batch_size: int = 256
+    """Samples generated (and decoded by --vae) at once; the samples do not depend on it beyond rounding."""
     eval: bool = False
     """Print the quality report of the samples: digits models the classifier agreement and Frechet distance,
     phantom3d models precision / recall and the 3D Frechet distance against held-out phantoms."""
@@ -55,8 +57,8 @@ class Args:
 
 def main(args: Args):
     device = resolve_device(args.device)
-    if args.nfe < 1 or args.n < 1:
-        fail(f"--nfe and --n must be >= 1, got {args.nfe}, {args.n}")
+    if args.nfe < 1 or args.n < 1 or args.batch_size < 1:
+        fail(f"--nfe, --n and --batch-size must be >= 1, got {args.nfe}, {args.n}, {args.batch_size}")
     if not ((args.omega is None or args.omega >= 1) and 0 <= args.t_min <= args.t_max <= 1):
         fail(f"need omega >= 1 and 0 <= t_min <= t_max <= 1, got {args.omega}, {args.t_min}, {args.t_max}")
     out = Path(args.out)
@@ -83,9 +85,10 @@ def main(args: Args):
     else:
         labels = torch.arange(num_classes).repeat_interleave(args.n)
     labels = labels.to(device)
-    x = sample_labels(model, params, labels, args.seed, omega, args.nfe, (args.t_min, args.t_max))
+    x = sample_labels(model, params, labels, args.seed, omega, args.nfe, (args.t_min, args.t_max), args.batch_size)
     if args.vae:
-        x = latent_decoder(args.vae, meta, device)(x)                                # (B, 3, H, W) in [-1, 1]
+        decode = latent_decoder(args.vae, meta, device)
+        x = torch.cat([decode(part).cpu() for part in x.split(args.batch_size)])    # (B, 3, H, W) in [-1, 1]
     if out.name.endswith(".png"):
         save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
     elif out.name.endswith(".npz"):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from fastmf.ckpt import list_checkpoints, load_checkpoint, newest_good_checkpoint, unflatten_state
 from fastmf.cli import fail
@@ -107,12 +108,16 @@ def generate(model: Backbone, params: dict, indices: torch.Tensor, seed: int, nf
 
 
 def sample_labels(model: Backbone, params: dict, labels: torch.Tensor, seed: int, omega: float, nfe: int = 1,
-                  interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """Samples (B, C, *S) for given labels (B,) from one generator seeded `seed` (sample grids, sample.py)."""
+                  interval: tuple[float, float] = (0.0, 1.0), batch_size: int | None = None) -> torch.Tensor:
+    """Samples (B, C, *S) for given labels (B,) from one generator seeded `seed` (sample grids, sample.py),
+    `batch_size` at a time (default all): the noise is drawn whole, so the batch changes only rounding."""
     spec = model.spec
     z = torch.randn(len(labels), spec.in_channels, *spec.input_size, generator=torch.Generator().manual_seed(seed))
-    return sample(functional(model), params, z.to(labels.device), labels, steps=nfe, omega=omega,
-                  t_min=interval[0], t_max=interval[1])
+    b = batch_size or len(labels)
+    starts = range(0, len(labels), b)
+    bar = tqdm(starts, desc="sampling", unit="batch", disable=True if len(starts) == 1 else None)  # None: on a terminal
+    return torch.cat([sample(functional(model), params, z[i:i + b].to(labels.device), labels[i:i + b], steps=nfe,
+                             omega=omega, t_min=interval[0], t_max=interval[1]) for i in bar])
 
 
 def latent_decoder(vae_path: str, meta: dict, device):

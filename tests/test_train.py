@@ -59,6 +59,8 @@ def test_train_resume_is_exact_and_sample_writes_outputs(tmp_path, capsys):
     sample_script.main(sample_script.Args(ckpt=str(straight), out=str(npz), labels="0,3,9", omega=1.5))
     arrays = np.load(npz)
     assert arrays["samples"].shape == (3, 1, 8, 8) and arrays["labels"].tolist() == [0, 3, 9]
+    sample_script.main(sample_script.Args(ckpt=str(straight), out=str(npz), labels="0,3,9", omega=1.5, batch_size=2))
+    np.testing.assert_allclose(np.load(npz)["samples"], arrays["samples"], atol=1e-5)  # two batches, the same noise
     png = tmp_path / "g.png"
     sample_script.main(sample_script.Args(ckpt=str(straight), out=str(png), n=2, nfe=2))
     assert png.stat().st_size > 0
