@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from fastmf import distributed
 from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
@@ -52,7 +53,10 @@ class Checkpoints:
             weights = [local(t) for group in (state.params, *state.emas.values()) for t in group.values()]
             if self.dist.any(not all(torch.isfinite(t).all() for t in weights)):
                 fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
-            save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
+            try:
+                save_sharded(self.out, state, self.model, meta, self.dist.is_main, keep, self.dist.barrier)
+            except (OSError, dcp.api.CheckpointException) as e:  # DCP's is a BaseException
+                self.cannot_save(state, e)
             return
         distributed.check_same_on_all_ranks(state.params, self.dist)
         if not self.dist.is_main:
@@ -60,8 +64,18 @@ class Checkpoints:
         tensors, state_meta = state.state_dict()
         if not all(torch.isfinite(t).all() for k, t in tensors.items() if not k.startswith("opt.")):
             fail(f"non-finite weights at step {state.step}: not saved (the previous checkpoints are kept)")
-        save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
+        try:
+            save_checkpoint(checkpoint_path(self.out, state.step), tensors, meta | {"state": state_meta})
+        except OSError as e:
+            self.cannot_save(state, e)
         prune_checkpoints(self.out, keep)
+
+    def cannot_save(self, state: RunState, e: BaseException):
+        """A full disk or a lost mount: one line, and the run stops with its earlier checkpoints intact
+        (the failed save's temporary file or folder is removed, now or by the next save)."""
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        fail(f"cannot write the checkpoint of step {state.step} to {self.out} ({why}); the previous checkpoints "
+             "are kept: free space and continue with --resume")
 
     def newest_good_sharded(self) -> Path:
         """The newest sharded checkpoint whose files pass their checksums: each rank checks its share

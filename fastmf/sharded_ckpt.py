@@ -123,8 +123,9 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
     """Every rank writes its shards; rank 0 adds meta.json, publishes by rename and prunes to `keep`."""
     final = sharded_path(folder, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if is_main:  # this save's folder, and any a failed or killed save left
+        for stale in Path(folder).glob(".ckpt_*.dcp.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
     barrier()
     dcp.save({"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)},
              checkpoint_id=str(tmp))

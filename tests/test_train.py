@@ -283,3 +283,25 @@ def test_default_workers_are_at_most_a_ranks_share_of_the_cores(monkeypatch):
     for local_ranks, workers in (("1", 8), ("4", 4), ("32", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
         assert default_workers() == workers
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk at the second save: one line, the first checkpoint kept, no temporary file left."""
+    import errno
+
+    import fastmf.ckpt
+    out = tmp_path / "full"
+    real, saves = fastmf.ckpt.save_file, []
+
+    def fills_the_disk(tensors, path, metadata):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(fastmf.ckpt, "save_file", fills_the_disk)
+    with pytest.raises(SystemExit):
+        train.main(small(out))
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write the checkpoint of step 6 to {out} (No space left on device); the previous checkpoints "
+        "are kept: free space and continue with --resume")
+    assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt_0000003.safetensors"]
