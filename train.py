@@ -28,6 +28,7 @@ from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoi
 from fastmf.config import TrainConfig, parse
 from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model_range
 from fastmf.data.loader import default_workers, flips
+from fastmf.data.volumes import BadVolume
 from fastmf.global_batch import draw_rows, rows_in_order
 from fastmf.images import save_grid
 from fastmf.inference import default_omega, sample_labels
@@ -309,7 +310,7 @@ def setup(cfg: TrainConfig) -> Run:
             model = make_model(cfg, data.sample_shape, data.num_classes)
         model = model.to(device)
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(str(e) + (" (--skip-bad-files skips such files)" if isinstance(e, BadVolume) else ""))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
     if int(cfg.data.batch_size * ocfg.data_proportion) == 0 < ocfg.data_proportion and main_rank:
         # int(B * data_proportion) samples of a batch get r = t: with none, the u-head never trains at r = t.

@@ -89,7 +89,8 @@ class DataOptions:
     """DataLoader processes decoding images per rank (default: 8 for image folders, fewer where a rank's share
     of the CPU cores is smaller; 0 for data in memory)."""
     skip_bad_files: bool = False
-    """Skip images that do not decode (counted, a summary line per epoch) instead of stopping with an error."""
+    """Skip images that do not decode (counted, a summary line per epoch) and NIfTI volumes that cannot be read
+    (counted when the folder is read) instead of stopping with an error."""
 
 
 @dataclass

@@ -157,7 +157,7 @@ def test_nifti_volumes_keep_their_geometry(tmp_path):
     assert np.allclose(np.linalg.norm(np.asarray(d.affine)[:3, :3], axis=0), 2.0)
 
 
-def test_nifti_errors(tmp_path):
+def test_nifti_errors(tmp_path, capsys):
     import shutil
     real = tmp_path / "real"
     real.mkdir()
@@ -183,6 +183,15 @@ def test_nifti_errors(tmp_path):
     _write_nifti(tmp_path / "b.nii", np.ones((6, 5, 4)))
     with pytest.raises(ValueError, match="b.nii is constant"):
         load_volumes(tmp_path, size=4)
+    # --skip-bad-files: the unreadable volume is left out, in one line, and the others are the same
+    (tmp_path / "c.nii").write_bytes(b"garbage")
+    x, *_ = load_volumes(tmp_path, size=4, skip_bad=True)
+    assert "skipped 2 of 3 volumes: NIfTI volume" in capsys.readouterr().err
+    (tmp_path / "b.nii").unlink()
+    (tmp_path / "c.nii").unlink()
+    assert torch.equal(x, load_volumes(tmp_path, size=4)[0])
+    with pytest.raises(ValueError, match="no readable volume in .*real: NIfTI volume .*a.nii.gz has shape"):
+        load_volumes(real, size=4, skip_bad=True)  # a 4D series and a volume with NaN
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no .nii/.nii.gz volumes in .*empty"):

@@ -305,3 +305,13 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
         f"error: cannot write the checkpoint of step 6 to {out} (No space left on device); the previous checkpoints "
         "are kept: free space and continue with --resume")
     assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt_0000003.safetensors"]
+
+
+def test_an_unreadable_volume_names_the_flag_that_skips_it(tmp_path):
+    (tmp_path / "vols").mkdir()
+    (tmp_path / "vols" / "a.nii.gz").write_bytes(b"garbage")
+    r = run_cli("train.py", "--data", str(tmp_path / "vols"), "--image-size", "8", "--out", str(tmp_path / "x"))
+    line = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in line, r.stderr
+    assert line.startswith(f"error: cannot read NIfTI volume {tmp_path / 'vols' / 'a.nii.gz'}: ") and \
+        line.endswith(" (--skip-bad-files skips such files)"), line

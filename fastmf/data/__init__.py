@@ -72,7 +72,7 @@ def load_dataset(name_or_path: str, *, size: int | None = None, channels: int | 
         return in_memory(x, y, int(y.max()) + 1)
     if size is None:
         raise ValueError(f"NIfTI folder {p} needs a volume size: pass --image-size")
-    x, y, affine, _ = load_volumes(p, size, voxel_size)
+    x, y, affine, _ = load_volumes(p, size, voxel_size, skip_bad)
     return in_memory(x, y, 1, affine.tolist())
 
 

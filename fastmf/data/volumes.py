@@ -11,15 +11,22 @@ a large dependency.
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from fastmf.data.files import NIFTI_SUFFIXES, _existing_dir, _files
 
 PERCENTILES = (0.5, 99.5)
+
+
+class BadVolume(ValueError):
+    """A NIfTI file that cannot be read or scaled (what --skip-bad-files skips)."""
 
 
 def read_canonical(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -29,13 +36,13 @@ def read_canonical(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img = nib.as_closest_canonical(nib.load(str(file)))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file
-        raise ValueError(f"cannot read NIfTI volume {file}: {str(e).splitlines()[0]}") from e
+        raise BadVolume(f"cannot read NIfTI volume {file}: {str(e).splitlines()[0]}") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 2:
-        raise ValueError(f"NIfTI volume {file} has shape {data.shape}: expected one 3D volume, at least 2 voxels a side")
+        raise BadVolume(f"NIfTI volume {file} has shape {data.shape}: expected one 3D volume, at least 2 voxels a side")
     if not np.isfinite(data).all():
-        raise ValueError(f"NIfTI volume {file} contains NaN or inf")
+        raise BadVolume(f"NIfTI volume {file} contains NaN or inf")
     return data, img.affine.astype(np.float64), np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
 
 
@@ -43,7 +50,7 @@ def normalise(data: np.ndarray, file: Path) -> np.ndarray:
     """Clip to the 0.5th-99.5th percentiles, then map to [-1, 1]."""
     lo, hi = np.percentile(data, PERCENTILES)
     if hi <= lo:
-        raise ValueError(f"NIfTI volume {file} is constant within its percentiles ({lo}); cannot scale it")
+        raise BadVolume(f"NIfTI volume {file} is constant within its percentiles ({lo}); cannot scale it")
     return (np.clip(data, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
 
 
@@ -70,24 +77,38 @@ def to_grid(data: np.ndarray, affine: np.ndarray, spacing: np.ndarray, size: int
     return out, affine @ M
 
 
-def load_volumes(path: str | Path, size: int, voxel_size: float | None = None
+def load_volumes(path: str | Path, size: int, voxel_size: float | None = None, skip_bad: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, float]:
     """A folder of .nii/.nii.gz -> (x (N, 1, size, size, size) in [-1, 1], y zeros, the first volume's
     grid affine, the voxel size used). `voxel_size` None: the coarsest spacing of the first volume
-    (no axis is resampled finer than it was acquired)."""
+    (no axis is resampled finer than it was acquired). `skip_bad`: volumes that cannot be read or
+    scaled are left out (counted in one line) instead of stopping with an error."""
     root = _existing_dir(path)
     if size < 2:
         raise ValueError(f"volume size must be >= 2, got {size}")
     files = _files(root, NIFTI_SUFFIXES)
     if not files:
         raise ValueError(f"no .nii/.nii.gz volumes in {root}")
-    vols, affine = [], None
-    for f in files:
-        data, aff, spacing = read_canonical(f)
+    main = os.environ.get("RANK", "0") == "0"  # every rank reads the folder; one reports
+    vols, affine, skipped = [], None, []
+    for f in tqdm(files, desc=f"reading {root}", unit="volume", disable=None if main else True):  # None: on a terminal
+        try:
+            data, aff, spacing = read_canonical(f)
+            data = normalise(data, f)
+        except BadVolume as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
         voxel_size = float(spacing.max()) if voxel_size is None else voxel_size
         if voxel_size <= 0:
             raise ValueError(f"--voxel-size must be > 0, got {voxel_size}")
-        vol, grid_affine = to_grid(normalise(data, f), aff, spacing, size, voxel_size)
+        vol, grid_affine = to_grid(data, aff, spacing, size, voxel_size)
         vols.append(vol)
         affine = grid_affine if affine is None else affine
+    if skipped and main:
+        print(f"skipped {len(skipped)} of {len(files)} volumes: {skipped[0]}{', ...' if len(skipped) > 1 else ''}",
+              file=sys.stderr)
+    if not vols:
+        raise ValueError(f"no readable volume in {root}: {skipped[0]}")
     return torch.stack(vols)[:, None], torch.zeros(len(vols), dtype=torch.int64), affine, voxel_size
