@@ -23,7 +23,7 @@ import torch
 import tyro
 
 from fastmf import distributed
-from fastmf.cli import fail, resolve_device, writable_folder
+from fastmf.cli import fail, last_line, resolve_device, writable_folder
 from fastmf.data.loader import default_workers
 from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
 from fastmf.inception import load_fid_inception
@@ -238,8 +238,8 @@ def main(args: Args):
                 guidance(model, omega, interval)                                # MF refuses guidance settings
         size = generate(model, params, torch.tensor([0]), args.seed, 1, omegas[0], intervals[0], decode).shape[-1]
         reference = reference_stats(args, size, features, dist)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as e:  # a bad reference image arrives from a DataLoader worker with its traceback
+        fail(last_line(e))
     metric = features.metric
     results = {"ckpt": str(ckpt), "reference": args.reference, "features": features.name,
                "num_samples": args.num_samples, "seed": args.seed, "settings": [], "best": None}

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from fastmf import distributed
-from fastmf.cli import fail, resolve_device, writable_folder
+from fastmf.cli import fail, last_line, resolve_device, writable_folder
 from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints, read_meta,
                          unflatten_state)
 from fastmf.config import TrainConfig, parse
@@ -391,7 +391,7 @@ def train(run: Run) -> StopSignal:
         try:
             x, y, bad = next(batches)
         except ValueError as e:  # a file that does not decode (in a worker: its message is the last line)
-            fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: ") + " (--skip-bad-files skips such files)")
+            fail(last_line(e) + " (--skip-bad-files skips such files)")
         bad_files += bad
         _, d = draw_rows(data.sample_shape, rows, B, cfg.seed, state.step, ocfg, device)
         x, y = to_model_range(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)

@@ -1,4 +1,5 @@
 """What the command-line entry points share: one-line errors for users, the device choice."""
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +11,12 @@ def fail(msg: str):
     """Print `error: msg` on one line and exit with status 2 (a user's mistake, not a crash)."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def last_line(e: BaseException) -> str:
+    """An error's message as one line: errors raised in DataLoader workers (and by DCP) arrive with the
+    whole traceback in their text, and the message is its last line ("ValueError: ...")."""
+    return re.sub(r"^\w+: ", "", str(e).strip().splitlines()[-1]) if str(e).strip() else type(e).__name__
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastmf.cli import fail, resolve_device, writable_folder
+from fastmf.cli import fail, last_line, resolve_device, writable_folder
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import default_workers, to_model_range
 
@@ -90,7 +90,7 @@ def main(argv=None):
                 stds.append(posterior.std.float().cpu())
                 ys.append(torch.stack([it[1] for it in items]))
         except ValueError as e:
-            fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: "))
+            fail(last_line(e))
         tmp = shard_file(out, k).with_suffix(".tmp")
         save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "y": torch.cat(ys)},
                   str(tmp), metadata={"latent_norm": json.dumps(norm), "image_size": str(args.image_size),

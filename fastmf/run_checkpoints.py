@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from fastmf import distributed
 from fastmf.ckpt import checkpoint_path, list_checkpoints, newest_good_checkpoint, prune_checkpoints, save_checkpoint
-from fastmf.cli import fail
+from fastmf.cli import fail, last_line
 from fastmf.config import TrainConfig
 from fastmf.models import Backbone
 from fastmf.run_state import RunState
@@ -73,7 +73,7 @@ class Checkpoints:
     def cannot_save(self, state: RunState, e: BaseException):
         """A full disk or a lost mount: one line, and the run stops with its earlier checkpoints intact
         (the failed save's temporary file or folder is removed, now or by the next save)."""
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        why = e.strerror if isinstance(e, OSError) and e.strerror else last_line(e)
         fail(f"cannot write the checkpoint of step {state.step} to {self.out} ({why}); the previous checkpoints "
              "are kept: free space and continue with --resume")
 

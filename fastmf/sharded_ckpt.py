@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from fastmf.ckpt import fsync_folder
+from fastmf.cli import last_line
 from fastmf.run_state import RunState
 
 DCP_PATTERN = re.compile(r"ckpt_(\d+)\.dcp")
@@ -90,8 +91,7 @@ def _load(state: dict, path: Path, **kwargs):
     try:
         dcp.load(state, storage_reader=_Reader(path), planner=_Planner(), **kwargs)
     except dcp.api.CheckpointException as e:
-        why = re.sub(r"^\w+: ", "", str(e).strip().splitlines()[-1])  # the last line of the reader's traceback
-        raise ValueError(f"checkpoint {path} cannot be read: {why}") from None
+        raise ValueError(f"checkpoint {path} cannot be read: {last_line(e)}") from None
 
 
 def damaged_files(path: Path, rank: int = 0, world: int = 1) -> list[str]:

@@ -265,3 +265,20 @@ def test_epoch_sampler_covers_epochs_and_depends_on_seed_and_step_only():
     assert not torch.equal(EpochSampler(10, 3, seed=6).indices(0), steps[0])
     with pytest.raises(ValueError, match="batch size must be in 1..10"):
         EpochSampler(10, 11, seed=0)
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ValueError(f"cannot read image {i}.png: truncated")
+
+
+def test_an_error_from_a_dataloader_worker_is_shown_as_one_line():
+    """DataLoader re-raises a worker's error with the whole traceback as its text; the entry points
+    show its last line (train.py, evaluate.py's reference folder, prepare_latents)."""
+    from fastmf.cli import last_line
+    with pytest.raises(ValueError) as e:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Traceback" in str(e.value) and last_line(e.value) == "cannot read image 0.png: truncated"
