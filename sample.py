@@ -5,6 +5,7 @@
     python sample.py --ckpt runs/phantom --n 4 --out head.nii.gz        # volumes as NIfTI
 """
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class Args:
 
 
 def main(args: Args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same files
+        fail("sample.py runs in one process: launch it with python, not torchrun (evaluate.py shards its "
+             "sampling over ranks)")
     device = resolve_device(args.device)
     if args.nfe < 1 or args.n < 1 or args.batch_size < 1:
         fail(f"--nfe, --n and --batch-size must be >= 1, got {args.nfe}, {args.n}, {args.batch_size}")

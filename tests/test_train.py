@@ -145,6 +145,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path
 def test_sample_without_checkpoint_fails_clearly(tmp_path):
     r = run_cli("sample.py", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.png"))
     assert r.returncode != 0 and "no checkpoint (ckpt_STEP.safetensors) in" in r.stderr
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py", "--ckpt", str(tmp_path))
+    assert r.returncode != 0 and "error: sample.py runs in one process: launch it with python, not torchrun" in r.stderr
 
 
 def test_pmf_mit_b_command_reaches_its_first_step(tmp_path):
