@@ -312,6 +312,12 @@ def setup(cfg: TrainConfig) -> Run:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e) + (" (--skip-bad-files skips such files)" if isinstance(e, BadVolume) else ""))
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
+    held = getattr(data.source, "x", None)  # data in memory; its first samples tell the scale
+    floats = isinstance(held, torch.Tensor) and held.is_floating_point()
+    rms = held[:1024].float().square().mean().sqrt().item() if floats else 1.0
+    if rms > 3 and main_rank:  # arrays are taken as stored: pixels in [0, 255] or unscaled latents train badly
+        print(f"warning: the data's root mean square is {rms:.3g}; the noise schedules expect data of about unit "
+              "scale (images in [-1, 1]: x / 127.5 - 1; VAE latents times the VAE's scaling factor)", file=sys.stderr)
     if int(cfg.data.batch_size * ocfg.data_proportion) == 0 < ocfg.data_proportion and main_rank:
         # int(B * data_proportion) samples of a batch get r = t: with none, the u-head never trains at r = t.
         print(f"warning: --batch-size {cfg.data.batch_size} with data proportion {ocfg.data_proportion} gives no "

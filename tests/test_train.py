@@ -317,3 +317,12 @@ def test_an_unreadable_volume_names_the_flag_that_skips_it(tmp_path):
     assert r.returncode == 2 and "\n" not in line, r.stderr
     assert line.startswith(f"error: cannot read NIfTI volume {tmp_path / 'vols' / 'a.nii.gz'}: ") and \
         line.endswith(" (--skip-bad-files skips such files)"), line
+
+
+def test_data_far_from_unit_scale_gets_a_warning(tmp_path, capsys):
+    """Arrays are taken as stored: pixels saved as floats in [0, 255] would train silently badly."""
+    np.savez(tmp_path / "pixels.npz", x=np.full((4, 1, 8, 8), 200.0, np.float32))
+    train.main(small(tmp_path / "a", data=str(tmp_path / "pixels.npz"), steps=1, batch_size=2, eval_samples=0))
+    assert "warning: the data's root mean square is 200; the noise schedules expect data of about unit" in capsys.readouterr().err
+    train.main(small(tmp_path / "b", steps=1, eval_samples=0))  # the digits, in [-1, 1]
+    assert "root mean square" not in capsys.readouterr().err
