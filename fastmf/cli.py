@@ -16,7 +16,9 @@ def fail(msg: str):
 def last_line(e: BaseException) -> str:
     """An error's message as one line: errors raised in DataLoader workers (and by DCP) arrive with the
     whole traceback in their text, and the message is its last line ("ValueError: ...")."""
-    return re.sub(r"^\w+: ", "", str(e).strip().splitlines()[-1]) if str(e).strip() else type(e).__name__
+    if not str(e).strip():
+        return type(e).__name__
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", str(e).strip().splitlines()[-1])
 
 
 def resolve_device(name: str) -> torch.device:
