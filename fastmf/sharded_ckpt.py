@@ -49,14 +49,18 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _Reader(dcp.FileSystemReader):
+    """Reads the index (.metadata) once, when made: DCP before torch 2.13 swallows read_metadata's
+    errors ("metadata is None"), so a refused or damaged index is reported here, with its reason."""
+    def __init__(self, path: Path):
+        super().__init__(path)
+        with open(Path(path) / ".metadata", "rb") as f:
+            self.metadata = _MetadataUnpickler(f).load()
+        if getattr(self.metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            self.metadata.storage_meta = dcp.metadata.StorageMeta()
+
     def read_metadata(self, *args, **kwargs):
-        rank = kwargs.get("rank")  # newer DCP falls back to per-rank indexes (__RANK.metadata)
-        with open(Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
 
 def _file_crc32(path: Path) -> int:
@@ -87,9 +91,14 @@ class _Planner(dcp.DefaultLoadPlanner):
 
 
 def _load(state: dict, path: Path, **kwargs):
-    """dcp.load from `path`, reading no code; its CheckpointException (a BaseException) becomes a ValueError."""
+    """dcp.load from `path`, reading no code; a bad index, or DCP's CheckpointException (a
+    BaseException), becomes a one-line ValueError."""
     try:
-        dcp.load(state, storage_reader=_Reader(path), planner=_Planner(), **kwargs)
+        reader = _Reader(path)
+    except Exception as e:  # an untrusted pickle fails in many ways: each is a damaged checkpoint
+        raise ValueError(f"checkpoint {path} cannot be read: its index .metadata: {last_line(e)}") from None
+    try:
+        dcp.load(state, storage_reader=reader, planner=_Planner(), **kwargs)
     except dcp.api.CheckpointException as e:
         raise ValueError(f"checkpoint {path} cannot be read: {last_line(e)}") from None
 

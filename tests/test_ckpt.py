@@ -188,7 +188,10 @@ def test_sharded_checkpoints_are_checked_and_their_pickled_index_cannot_run_code
         load_full(path, dict(net.named_parameters()))
     (path / CHECKSUMS).unlink()  # as a checkpoint written before checksums.json, with a crafted index
     (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
-    with pytest.raises(ValueError, match="cannot be read: .*posix.system is not part of DCP's metadata"):
+    with pytest.raises(ValueError, match="cannot be read: its index .metadata: posix.system is not part of DCP's metadata"):
+        load_full(path, dict(net.named_parameters()))
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCode())[:10])  # a truncated index: its reason, on any torch
+    with pytest.raises(ValueError, match="cannot be read: its index .metadata: .*(data|input)"):
         load_full(path, dict(net.named_parameters()))
     # Non-tensor entries (an optimizer's lr, betas) are pickled by DCP too: plain values load, code does not.
     other = tmp_path / "other.dcp"
