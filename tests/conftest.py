@@ -18,3 +18,28 @@ import torch  # noqa: E402
 # Triton kernels run on CPU only in its interpreter, which must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy  # noqa: E402
+import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _loop_to_a_computed_bound(x_ptr, n):
+    for i in range(0, tl.cdiv(n, 2)):    # the bound is a scalar tensor, as in the attention kernels
+        tl.store(x_ptr + i * 2 + tl.arange(0, 2), tl.load(x_ptr + i * 2 + tl.arange(0, 2)) + 1)
+
+
+def pytest_configure(config):
+    """Triton's interpreter up to 3.6 (torch 2.11's) turns a scalar tensor into an int by int() of a
+    shape-(1,) array, which numpy 2.3 and later refuse: every kernel test would fail with that
+    TypeError. Stop at once with the remedy instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        _loop_to_a_computed_bound[(1,)](torch.zeros(4), 4)
+    except Exception as e:
+        pytest.exit(f"Triton {triton.__version__}'s interpreter (the kernel tests' CPU path) fails with numpy "
+                    f"{numpy.__version__}: {e}. Install numpy<2.3, or a Triton whose interpreter works "
+                    "with it (3.9 does)", returncode=pytest.ExitCode.USAGE_ERROR)
