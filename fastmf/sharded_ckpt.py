@@ -54,13 +54,13 @@ class _Reader(dcp.FileSystemReader):
     def __init__(self, path: Path):
         super().__init__(path)
         with open(Path(path) / ".metadata", "rb") as f:
-            self.metadata = _MetadataUnpickler(f).load()
-        if getattr(self.metadata, "storage_meta", None) is None:  # as FileSystemReader does
-            self.metadata.storage_meta = dcp.metadata.StorageMeta()
+            self._index = _MetadataUnpickler(f).load()
+        if getattr(self._index, "storage_meta", None) is None:  # as FileSystemReader does
+            self._index.storage_meta = dcp.metadata.StorageMeta()
 
     def read_metadata(self, *args, **kwargs):
-        self.metadata.storage_meta.load_id = self.load_id
-        return self.metadata
+        self._index.storage_meta.load_id = self.load_id
+        return self._index
 
 
 def _file_crc32(path: Path) -> int:

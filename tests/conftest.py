@@ -32,7 +32,7 @@ def _loop_to_a_computed_bound(x_ptr, n):
 
 
 def pytest_configure(config):
-    """Triton's interpreter up to 3.6 (torch 2.11's) turns a scalar tensor into an int by int() of a
+    """Triton 3.5 and 3.6's interpreter (torch 2.9 to 2.11's) turns a scalar tensor into an int by int() of a
     shape-(1,) array, which numpy 2.3 and later refuse: every kernel test would fail with that
     TypeError. Stop at once with the remedy instead."""
     if os.environ.get("TRITON_INTERPRET") != "1":
