@@ -55,9 +55,10 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or name == _META_KEY:
-            raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor" if name != _META_KEY
-                             else f"{_META_KEY!r} is reserved for the meta's checksum")
+        if name == _META_KEY:
+            raise ValueError(f"{_META_KEY!r} is reserved for the meta's checksum")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor")
         t = t.detach().cpu().contiguous()
         # safetensors refuses tensors that share memory (tied weights, views): copy repeats.
         ptr = t.untyped_storage().data_ptr()

@@ -33,16 +33,16 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     p = Path(path)
     sharded = [p] if p.name.endswith(".dcp") else list_sharded(p) if p.is_dir() and not list_checkpoints(p) else []
     if sharded:  # an FSDP run's sharded checkpoint, read whole into this one process
-        for path in sharded:  # the newest good one
+        for ckpt in sharded:  # the newest good one
             try:
-                meta = json.loads((path / "meta.json").read_text())
+                meta = json.loads((ckpt / "meta.json").read_text())
                 model = from_record(meta["model"]).to(device)
-                groups, meta = load_full(path, model.state_dict())
+                groups, meta = load_full(ckpt, model.state_dict())
                 break
             except (ValueError, KeyError, OSError) as e:
-                if path == sharded[-1]:
-                    fail(f"cannot read {path}: {e}")
-                print(f"warning: skipped a damaged checkpoint {path}: {e}", file=sys.stderr)
+                if ckpt == sharded[-1]:
+                    fail(f"cannot read {ckpt}: {e}")
+                print(f"warning: skipped a damaged checkpoint {ckpt}: {e}", file=sys.stderr)
         if weights not in groups:
             fail(f"--weights {weights}: the checkpoint holds {sorted(groups)}")
         model.load_state_dict(groups[weights], strict=True)
