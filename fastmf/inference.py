@@ -9,7 +9,6 @@ Sample i of an evaluation has label i % num_classes and noise from its own strea
 any batching and any number of ranks make the same samples, and every guidance setting of a
 sweep sees the same noise.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fastmf.cli import fail
 from fastmf.data.loader import stream_key
 from fastmf.models import Backbone, from_record, functional
 from fastmf.sampling import sample
-from fastmf.sharded_ckpt import list_sharded, load_full
+from fastmf.sharded_ckpt import list_sharded, load_full, read_sharded_meta
 
 EVAL_STREAM = -3  # stream_key's step slot for evaluation noise: apart from every training step's
 
@@ -35,14 +34,12 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
     if sharded:  # an FSDP run's sharded checkpoint, read whole into this one process
         for ckpt in sharded:  # the newest good one
             try:
-                meta = json.loads((ckpt / "meta.json").read_text())
-                model = from_record(meta["model"]).to(device)
-                groups, meta = load_full(ckpt, model.state_dict())
+                model, groups, meta = _sharded_model(ckpt, device)
                 break
-            except (ValueError, KeyError, OSError) as e:
+            except ValueError as e:  # each message names the checkpoint
                 if ckpt == sharded[-1]:
-                    fail(f"cannot read {ckpt}: {e}")
-                print(f"warning: skipped a damaged checkpoint {ckpt}: {e}", file=sys.stderr)
+                    fail(str(e))
+                print(f"warning: skipped a damaged checkpoint: {e}", file=sys.stderr)
         if weights not in groups:
             fail(f"--weights {weights}: the checkpoint holds {sorted(groups)}")
         model.load_state_dict(groups[weights], strict=True)
@@ -71,6 +68,19 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
         fail(f"{file} does not hold the model its record describes: {str(e).splitlines()[0]}")
     model.eval()
     return model, {k: v for k, v in model.named_parameters()}, meta
+
+
+def _sharded_model(ckpt: Path, device) -> tuple[Backbone, dict, dict]:
+    """(model, its weight groups, meta) of a sharded checkpoint; ValueError naming it if damaged."""
+    record = read_sharded_meta(ckpt).get("model")
+    if record is None:
+        raise ValueError(f"{ckpt} has no fastmf model record: not a checkpoint written by fastmf's train.py")
+    try:
+        model = from_record(record).to(device)
+    except ValueError as e:
+        raise ValueError(f"{ckpt}: {e}") from None
+    groups, meta = load_full(ckpt, model.state_dict())
+    return model, groups, meta
 
 
 def default_omega(num_classes: int) -> float:

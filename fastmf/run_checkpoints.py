@@ -19,7 +19,7 @@ from fastmf.cli import fail, last_line
 from fastmf.config import TrainConfig
 from fastmf.models import Backbone
 from fastmf.run_state import RunState
-from fastmf.sharded_ckpt import damaged_files, list_sharded, load_sharded, save_sharded
+from fastmf.sharded_ckpt import damaged_files, list_sharded, load_sharded, read_sharded_meta, save_sharded
 
 
 def training_options(cfg: TrainConfig) -> dict:
@@ -95,7 +95,7 @@ class Checkpoints:
         try:
             if self.sharded:
                 path = self.newest_good_sharded()
-                meta = json.loads((path / "meta.json").read_text())
+                meta = read_sharded_meta(path)
             else:
                 path, tensors, meta, skipped = newest_good_checkpoint(self.out)
                 for why in skipped if self.dist.is_main else []:

@@ -12,6 +12,7 @@ classes and plain values only.
     damaged_files(path, rank, world)               # every rank its share, before a load
     load_sharded(path, state, model)               # every rank, into the sharded state
     groups, meta = load_full(path)                 # one process: full tensors, e.g. for sampling
+    meta = read_sharded_meta(path)                 # its meta.json
 """
 import json
 import os
@@ -149,9 +150,20 @@ def save_sharded(folder: str | Path, state: RunState, model: torch.nn.Module, me
     barrier()
 
 
+def read_sharded_meta(path: Path) -> dict:
+    """A sharded checkpoint's meta.json; ValueError naming the checkpoint if it cannot be read."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"checkpoint {path} cannot be read: its meta.json: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {path} cannot be read: its meta.json holds no record")
+    return meta
+
+
 def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
     """Load a sharded checkpoint into the (sharded) run state, in place; returns its meta."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_sharded_meta(path)
     target = {"params": state.params, **state.emas, "opt": get_optimizer_state_dict(model, state.opt)}
     _load(target, path)
     set_optimizer_state_dict(model, state.opt, target["opt"])
@@ -162,11 +174,11 @@ def load_sharded(path: Path, state: RunState, model: torch.nn.Module) -> dict:
 def load_full(path: Path, template: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict]:
     """params and EMAs of a sharded checkpoint as full tensors in one process (no process group):
     `template` maps parameter names to tensors of the right shapes (a model's state). ValueError
-    if a file fails its checksum."""
+    naming the checkpoint if it is damaged."""
     damaged = damaged_files(path)
     if damaged:
         raise ValueError(f"checkpoint {path} is corrupt: {len(damaged)} file(s) fail their checksum ({damaged[0]}, ...)")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_sharded_meta(path)
     names = ["params", *meta["state"].get("emas", ["ema"])]
     groups = {g: {k: torch.empty_like(v) for k, v in template.items()} for g in names}
     _load(groups, path, no_dist=True)

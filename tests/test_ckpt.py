@@ -159,6 +159,23 @@ def test_run_state_refuses_non_finite_weights_at_load():
         state.load_state_dict(tensors, meta)
 
 
+def test_a_damaged_sharded_checkpoint_is_named_once_and_the_next_one_tried(tmp_path, capsys):
+    from fastmf.inference import load_model
+    metas = {3: "[1]", 2: "{not json", 1: '{"state": {}}'}  # not a record, bad JSON, no model record
+    for step, text in metas.items():
+        (tmp_path / f"ckpt_{step:07d}.dcp").mkdir()
+        (tmp_path / f"ckpt_{step:07d}.dcp" / "meta.json").write_text(text)
+    with pytest.raises(SystemExit):
+        load_model(str(tmp_path), "ema", "cpu")
+    lines = capsys.readouterr().err.splitlines()
+    paths = [tmp_path / f"ckpt_{step:07d}.dcp" for step in metas]
+    assert lines == [f"warning: skipped a damaged checkpoint: checkpoint {paths[0]} cannot be read: its meta.json "
+                     "holds no record",
+                     f"warning: skipped a damaged checkpoint: checkpoint {paths[1]} cannot be read: its meta.json: "
+                     "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+                     f"error: {paths[2]} has no fastmf model record: not a checkpoint written by fastmf's train.py"]
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo ran > ran.txt",))
