@@ -72,11 +72,11 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
 
 def _sharded_model(ckpt: Path, device) -> tuple[Backbone, dict, dict]:
     """(model, its weight groups, meta) of a sharded checkpoint; ValueError naming it if damaged."""
-    record = read_sharded_meta(ckpt).get("model")
-    if record is None:
+    meta = read_sharded_meta(ckpt)
+    if not {"model", "state"} <= meta.keys():
         raise ValueError(f"{ckpt} has no fastmf model record: not a checkpoint written by fastmf's train.py")
     try:
-        model = from_record(record).to(device)
+        model = from_record(meta["model"]).to(device)
     except ValueError as e:
         raise ValueError(f"{ckpt}: {e}") from None
     groups, meta = load_full(ckpt, model.state_dict())

@@ -161,7 +161,7 @@ def test_run_state_refuses_non_finite_weights_at_load():
 
 def test_a_damaged_sharded_checkpoint_is_named_once_and_the_next_one_tried(tmp_path, capsys):
     from fastmf.inference import load_model
-    metas = {3: "[1]", 2: "{not json", 1: '{"state": {}}'}  # not a record, bad JSON, no model record
+    metas = {3: "[1]", 2: "{not json", 1: '{"model": {}}'}  # not a record, bad JSON, no run state
     for step, text in metas.items():
         (tmp_path / f"ckpt_{step:07d}.dcp").mkdir()
         (tmp_path / f"ckpt_{step:07d}.dcp" / "meta.json").write_text(text)
