@@ -61,6 +61,20 @@ def test_a_pickle_with_code_is_refused_and_runs_nothing(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_damaged_or_foreign_file_is_one_line(tmp_path, capsys):
+    from fastmf.convert import read_state
+    torch.save({"model": {"w": torch.zeros(100)}}, str(tmp_path / "ok.pth"))
+    whole = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # an interrupted download
+    (tmp_path / "text.pth").write_text("junk\n")  # the weights-only unpickler fails with a KeyError here
+    for name in ("cut.pth", "text.pth"):
+        with pytest.raises(SystemExit):
+            read_state(tmp_path / name)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {tmp_path / name}: not a torch checkpoint, or a damaged one (")
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_missing_and_unknown_keys_are_listed(tmp_path):
     g = load_file(str(GOLDEN / "imf_torch_tiny.safetensors"))
     state = {k.removeprefix("param."): v for k, v in g.items() if k.startswith("param.")}
