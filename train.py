@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from fastmf import distributed
-from fastmf.cli import fail, last_line, resolve_device, writable_folder
+from fastmf.cli import fail, first_line, last_line, resolve_device, writable_folder
 from fastmf.ckpt import (list_checkpoints, load_checkpoint, newest_good_checkpoint, prune_checkpoints, read_meta,
                          unflatten_state)
 from fastmf.config import TrainConfig, parse
@@ -114,7 +114,7 @@ def init_model(cfg: TrainConfig, sample_shape: tuple, num_classes: int) -> Backb
             raise ValueError(f"its weights lack {missing[:5]}")
         model.load_state_dict(weights, strict=False)  # the fixed tables are the model's own
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        fail(f"--init-from {path}: {str(e).splitlines()[0]}")
+        fail(f"--init-from {path}: {first_line(e)}")
     model.set_attention_backend(cfg.model.attn_backend)
     return model
 

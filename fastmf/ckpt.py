@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastmf.cli import first_line
+
 _META_KEY = "fastmf_meta"
 _CRC_KEY = "fastmf_crc32"
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.safetensors")
@@ -100,7 +102,7 @@ def _open(path: Path, read_tensors: bool) -> tuple[dict[str, torch.Tensor], dict
         meta_json, crcs = header.get(_META_KEY, "{}"), json.loads(header.get(_CRC_KEY, "{}"))
         meta = json.loads(meta_json)
     except Exception as e:  # safetensors and json raise their own types for damaged files
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {first_line(e)}") from e
     # Checkpoints written before the meta had a checksum (2026-12-07) carry none; a flipped byte in
     # the key itself is caught below, as a checksum of a tensor that is not there.
     expected = crcs.pop(_META_KEY, None)

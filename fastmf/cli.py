@@ -13,6 +13,13 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (libraries such as torch's zip reader append advice), or its type's name
+    when it has no message (an empty file fails some readers with a bare exception)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def last_line(e: BaseException) -> str:
     """An error's message as one line: errors raised in DataLoader workers (and by DCP) arrive with the
     whole traceback in their text, and the message is its last line ("ValueError: ...")."""

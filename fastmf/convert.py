@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastmf.ckpt import checkpoint_path, flatten_state, save_checkpoint
-from fastmf.cli import fail, last_line
+from fastmf.cli import fail, first_line, last_line
 from fastmf.models import PRESETS, build
 from fastmf.prepare_latents import IMF_MEAN, IMF_STD
 
@@ -35,7 +35,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        fail(f"refused {path}: not a plain tensor checkpoint (weights_only load: {str(e).splitlines()[0][:200]})")
+        fail(f"refused {path}: not a plain tensor checkpoint (weights_only load: {first_line(e)[:200]})")
     except OSError as e:
         fail(f"cannot read {path}: {e}")
     except Exception as e:  # a damaged file fails the zip reader or the unpickler in many ways

@@ -16,11 +16,13 @@ its global index, whichever rank makes it.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastmf.cli import first_line
 from fastmf.eval import frechet_from_moments
 
 IS_SPLITS = 10  # ADM: splits of 5,000 over 50,000 samples
@@ -99,14 +101,20 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an .npz holding them: ADM's reference batches and torch-fidelity's files
     (mu, sigma), the official iMF/pMF files (ref_mu, ref_sigma), `save_reference`'s; never unpickles. A file without them is a one-line ValueError."""
     path = Path(path)
+    names = (("mu", "sigma"), ("ref_mu", "ref_sigma"))
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # np.load would read it as a .npy or a pickle
+        raise ValueError(f"{path}: not an .npz (numpy's zip of arrays), or a damaged one")
     try:
         with np.load(path, allow_pickle=False) as f:
-            keys = next((k for k in (("mu", "sigma"), ("ref_mu", "ref_sigma")) if set(k) <= set(f.files)), None)
-            if keys is None:
-                raise ValueError(f"{path} holds {sorted(f.files)}, not the FID statistics mu and sigma")
-            mu, sigma = f[keys[0]].astype(np.float64), f[keys[1]].astype(np.float64)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz ({str(e).splitlines()[0][:200]})") from e
+            files, arrays = f.files, {k: f[k] for pair in names for k in pair if k in f.files}
+    except Exception as e:  # a damaged member: numpy and zipfile raise many types
+        raise ValueError(f"{path}: not a readable .npz ({first_line(e)[:200]})") from e
+    keys = next((pair for pair in names if set(pair) <= set(arrays)), None)
+    if keys is None:
+        raise ValueError(f"{path} holds {sorted(files)}, not the FID statistics mu and sigma")
+    mu, sigma = arrays[keys[0]].astype(np.float64), arrays[keys[1]].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the moments of one feature space")
     return mu, sigma

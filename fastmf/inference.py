@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fastmf.ckpt import list_checkpoints, load_checkpoint, newest_good_checkpoint, unflatten_state
-from fastmf.cli import fail
+from fastmf.cli import fail, first_line
 from fastmf.data.loader import stream_key
 from fastmf.models import Backbone, from_record, functional
 from fastmf.sampling import sample
@@ -65,7 +65,7 @@ def load_model(path: str, weights: str, device) -> tuple[Backbone, dict, dict]:
         model = from_record(meta["model"]).to(device)
         model.load_state_dict(groups[weights], strict=True)
     except (ValueError, RuntimeError) as e:
-        fail(f"{file} does not hold the model its record describes: {str(e).splitlines()[0]}")
+        fail(f"{file} does not hold the model its record describes: {first_line(e)}")
     model.eval()
     return model, {k: v for k, v in model.named_parameters()}, meta
 

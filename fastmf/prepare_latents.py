@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastmf.cli import fail, last_line, resolve_device, writable_folder
+from fastmf.cli import fail, first_line, last_line, resolve_device, writable_folder
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import default_workers, to_model_range
 
@@ -39,7 +39,7 @@ def load_vae(path: str, device: torch.device):
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # diffusers raises many types for missing or mismatched weights
-        fail(f"--vae {path}: cannot load an AutoencoderKL: {str(e).splitlines()[0]}")
+        fail(f"--vae {path}: cannot load an AutoencoderKL: {first_line(e)}")
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastmf.cli import first_line
 from fastmf.weights import load_weights, read_state
 
 RANDOM_WIDTHS = (32, 64, 96)
@@ -139,7 +140,7 @@ def medicalnet_resnet(path: str | Path) -> MedicalNetResNet:
     try:
         keys = set(medicalnet_state(path))
     except Exception as e:  # zipfile, the weights-only unpickler and safetensors raise their own types
-        raise ValueError(f"--volume-features {path}: unreadable ({str(e).splitlines()[0][:200]})") from e
+        raise ValueError(f"--volume-features {path}: unreadable ({first_line(e)[:200]})") from e
     blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.")}) for s in range(1, 5))
     if "conv1.weight" not in keys or 0 in blocks:
         raise ValueError(f"--volume-features {path}: not a MedicalNet 3D ResNet (no conv1 and layer1-4 weights)")

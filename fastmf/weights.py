@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from fastmf.cli import first_line
+
 
 def read_state(path: Path) -> dict:
     """A .safetensors file, or a .pth read weights-only."""
@@ -32,7 +34,7 @@ def load_weights(net: nn.Module, path: str | Path, flag: str, ignore: tuple[str,
     try:
         state = read(path)
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise their own types
-        raise ValueError(f"{flag} {path}: unreadable ({str(e).splitlines()[0][:200]})") from e
+        raise ValueError(f"{flag} {path}: unreadable ({first_line(e)[:200]})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{flag} {path}: not a state dict of tensors")
     state = {k: v for k, v in state.items() if not k.startswith(ignore)}

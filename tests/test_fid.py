@@ -125,6 +125,23 @@ def test_inception_file_errors_are_one_line(tmp_path):
         load_reference(tmp_path / "imgs.npz")
     np.savez(tmp_path / "official.npz", ref_mu=np.zeros(4), ref_sigma=np.eye(4))  # the iMF/pMF files' keys
     assert load_reference(tmp_path / "official.npz")[1].shape == (4, 4)
+    # An empty file (an interrupted copy) fails torch's reader with a bare EOFError: still one line.
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="--inception .*empty.pth: unreadable \\(EOFError\\)"):
+        load_fid_inception(tmp_path / "empty.pth")
+    # Files numpy would read as something else (a pickle, an .npy) or cannot open, and a damaged member.
+    whole = (tmp_path / "official.npz").read_bytes()
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "text.npz").write_text("mu sigma")
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    for name in ("one.npy", "text.npz", "cut.npz", "empty.pth"):
+        with pytest.raises(ValueError, match=f"{name}: not an .npz \\(numpy's zip of arrays\\), or a damaged one"):
+            load_reference(tmp_path / name)
+    flipped = bytearray(whole)
+    flipped[100:140] = bytes(40)  # inside ref_mu.npy's data: the zip's CRC catches it
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="flipped.npz: not a readable .npz \\(Bad CRC-32"):
+        load_reference(tmp_path / "flipped.npz")
 
 
 def run(nproc: int, *args: str) -> subprocess.CompletedProcess:

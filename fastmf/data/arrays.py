@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmf.cli import first_line
 from fastmf.data.files import ARRAY_SUFFIXES, _files
 
 MAX_CLASSES = 100_000  # a larger label is a mistake, not a class count (the label table grows with it)
@@ -130,7 +131,7 @@ class LatentShards(torch.utils.data.Dataset):
             except ValueError:
                 raise
             except Exception as e:  # safetensors raises its own types for damaged files
-                raise ValueError(f"cannot read shard {f}: {str(e).splitlines()[0]}") from e
+                raise ValueError(f"cannot read shard {f}: {first_line(e)}") from e
             if self.sample_shape not in (None, shape[1:]):
                 raise ValueError(f"shard {f} has sample shape {shape[1:]} but {self.files[0].name} has {self.sample_shape}")
             if self.has_y not in (None, y is not None):

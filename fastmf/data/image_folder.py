@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmf.cli import first_line
 from fastmf.data.files import IMAGE_SUFFIXES, _existing_dir, _files
 
 
@@ -36,7 +37,7 @@ def read_image(file: str | Path, size: int, channels: int) -> torch.Tensor:
         with Image.open(file) as im:
             im = im.convert("RGB" if channels == 3 else "L")  # forces the full decode
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's "not a valid image" errors
-        raise ValueError(f"cannot read image {file}: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"cannot read image {file}: {first_line(e)}") from e
     a = center_crop_arr(im, size)
     return torch.from_numpy(np.ascontiguousarray(a[None] if channels == 1 else a.transpose(2, 0, 1)))
 

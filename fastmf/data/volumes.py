@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastmf.cli import first_line
 from fastmf.data.files import NIFTI_SUFFIXES, _existing_dir, _files
 
 PERCENTILES = (0.5, 99.5)
@@ -36,7 +37,7 @@ def read_canonical(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img = nib.as_closest_canonical(nib.load(str(file)))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file
-        raise BadVolume(f"cannot read NIfTI volume {file}: {str(e).splitlines()[0]}") from e
+        raise BadVolume(f"cannot read NIfTI volume {file}: {first_line(e)}") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 2:
