@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastmf.ckpt import checkpoint_path, flatten_state, save_checkpoint
-from fastmf.cli import fail, first_line, last_line
+from fastmf.cli import fail, first_line
 from fastmf.models import PRESETS, build
 from fastmf.prepare_latents import IMF_MEAN, IMF_STD
 
@@ -39,7 +39,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         fail(f"cannot read {path}: {e}")
     except Exception as e:  # a damaged file fails the zip reader or the unpickler in many ways
-        fail(f"cannot read {path}: not a torch checkpoint, or a damaged one ({type(e).__name__}: {last_line(e)[:200]})")
+        fail(f"cannot read {path}: not a torch checkpoint, or a damaged one ({type(e).__name__}: {first_line(e)[:200]})")
     while isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # e.g. {"model": state_dict} or {"ema": state_dict}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
