@@ -1,5 +1,8 @@
 """fastmf.data: shapes, ranges, determinism, splits, phantoms, loaders' errors, batch resume."""
 import gzip
+import struct
+import zlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -7,8 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-
-from pathlib import Path
 
 from fastmf.data import (EpochSampler, load_arrays, load_dataset, load_digits, load_volumes, make_phantoms,
                          step_batches, to_model_range)
@@ -125,6 +126,12 @@ def test_image_folder_errors_and_skipped_bad_files(tmp_path):
         ImageFolder(tmp_path, size=8)[(1, False)]
     x, y, bad = ImageFolder(tmp_path, size=8, skip_bad=True)[(1, False)]  # replaced by the next readable one
     assert bad == 1 and y == 0 and x.shape == (3, 8, 8)
+    # A header claiming 10^10 pixels: Pillow refuses it as a decompression bomb, one line all the same.
+    png = (tmp_path / "a" / "1.png").read_bytes()
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    (tmp_path / "b" / "2.png").write_bytes(png[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:])
+    with pytest.raises(ValueError, match="cannot read image .*2.png: Image size \\(10000000000 pixels\\) exceeds limit"):
+        ImageFolder(tmp_path, size=8)[(1, False)]
     with pytest.raises(ValueError, match="needs an image size"):
         load_dataset(str(tmp_path))
 

@@ -36,7 +36,7 @@ def read_image(file: str | Path, size: int, channels: int) -> torch.Tensor:
     try:
         with Image.open(file) as im:
             im = im.convert("RGB" if channels == 3 else "L")  # forces the full decode
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow's "not a valid image" errors
+    except Exception as e:  # Pillow raises many types: OSError, SyntaxError, DecompressionBombError, ...
         raise ValueError(f"cannot read image {file}: {first_line(e)}") from e
     a = center_crop_arr(im, size)
     return torch.from_numpy(np.ascontiguousarray(a[None] if channels == 1 else a.transpose(2, 0, 1)))
