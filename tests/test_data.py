@@ -109,6 +109,9 @@ def test_real_photos_folder_and_csv_center_crop_and_flip(tmp_path):
     csv.write_text("photos/none.jpg,0\n")
     with pytest.raises(ValueError, match="list.csv line 1: no file"):
         ImageFolder(csv, size=32)
+    csv.write_bytes("photos/china/china.jpg,3\nphotos/\u00e9t\u00e9.jpg,1\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(ValueError, match="list.csv is not a CSV of UTF-8 text: 'utf-8' codec can't decode byte 0xe9"):
+        ImageFolder(csv, size=32)
 
 
 def test_image_folder_errors_and_skipped_bad_files(tmp_path):

@@ -58,18 +58,22 @@ def list_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
 
 def list_csv(path: Path) -> tuple[list[str], list[int], list[str]]:
     """(files, labels, class names) of a CSV with rows path,label (paths relative to the CSV's folder)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path} is not a CSV of UTF-8 text: {e}") from None
     files, labels = [], []
-    with open(path, newline="") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if n == 1 and row and row[-1].strip().lower() == "label":
-                continue  # a header row
-            if len(row) != 2 or not row[1].strip().lstrip("-").isdigit() or int(row[1]) < 0:
-                raise ValueError(f"{path} line {n}: expected 'path,label' with a label >= 0, got {row}")
-            file = (path.parent / row[0].strip()).resolve()
-            if not file.is_file():
-                raise ValueError(f"{path} line {n}: no file {file}")
-            files.append(str(file))
-            labels.append(int(row[1]))
+    for n, row in enumerate(rows, 1):
+        if n == 1 and row and row[-1].strip().lower() == "label":
+            continue  # a header row
+        if len(row) != 2 or not row[1].strip().lstrip("-").isdigit() or int(row[1]) < 0:
+            raise ValueError(f"{path} line {n}: expected 'path,label' with a label >= 0, got {row}")
+        file = (path.parent / row[0].strip()).resolve()
+        if not file.is_file():
+            raise ValueError(f"{path} line {n}: no file {file}")
+        files.append(str(file))
+        labels.append(int(row[1]))
     if not files:
         raise ValueError(f"{path} lists no images")
     return files, labels, [str(c) for c in range(max(labels) + 1)]
