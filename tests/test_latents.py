@@ -106,6 +106,20 @@ def test_shards_are_memory_mapped_row_by_row_and_checked(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read shard .*b.safetensors"):
         LatentShards(tmp_path)
+    # Shards of two kinds, or of two scalings, in one folder: sampling would undo one scaling for all.
+    save_file({"mean": x[4:], "std": x[4:].abs(), "y": torch.tensor([4, 5])}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match="b.safetensors holds mean and std but a.safetensors does not"):
+        LatentShards(tmp_path)
+    scale = {"latent_norm": json.dumps({"kind": "scale", "scaling_factor": 0.18215})}
+    save_file({"x": x[4:], "y": torch.tensor([4, 5])}, str(tmp_path / "b.safetensors"), metadata=scale)
+    with pytest.raises(ValueError, match="b.safetensors has latent_norm .*'scale'.* but a.safetensors has None"):
+        LatentShards(tmp_path)
+    save_file({"x": x[:4], "y": torch.tensor([0, 1, 2, 3])}, str(tmp_path / "a.safetensors"), metadata=scale)
+    assert LatentShards(tmp_path).latent_norm == {"kind": "scale", "scaling_factor": 0.18215}
+    three = {"latent_norm": json.dumps({"kind": "channel", "mean": [0.0] * 3, "std": [1.0] * 3})}  # 4 channels
+    save_file({"x": x[4:], "y": torch.tensor([4, 5])}, str(tmp_path / "b.safetensors"), metadata=three)
+    with pytest.raises(ValueError, match="b.safetensors: its latent_norm .* is neither .*'mean': \\[4 numbers\\]"):
+        LatentShards(tmp_path)
 
 
 def test_missing_vae_is_a_one_line_error(tmp_path):

@@ -1,6 +1,7 @@
 """Array files (.npz / .safetensors with arrays x and optional y), one file or a folder of shards."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,27 @@ def denormalise_latent(x: torch.Tensor, norm: dict) -> torch.Tensor:
     return x * torch.tensor(norm["std"], device=x.device).reshape(shape) + torch.tensor(norm["mean"], device=x.device).reshape(shape)
 
 
+def read_latent_norm(meta: dict, shard: Path, channels: int) -> dict | None:
+    """A shard's `latent_norm` metadata (as prepare_latents writes it), checked, or None without one."""
+    if "latent_norm" not in meta:
+        return None
+    try:
+        norm = json.loads(meta["latent_norm"])
+        if norm["kind"] == "scale":
+            ok = 0 < float(norm["scaling_factor"]) < float("inf")
+        else:
+            mean, std = torch.tensor(norm["mean"], dtype=torch.float64), torch.tensor(norm["std"], dtype=torch.float64)
+            ok = (norm["kind"] == "channel" and mean.shape == std.shape == (channels,) and bool(mean.isfinite().all())
+                  and bool((std > 0).all()) and bool(std.isfinite().all()))
+    except (ValueError, KeyError, TypeError):  # bad JSON, a missing key, values that are not numbers
+        ok = False
+    if not ok:
+        raise ValueError(f"shard {shard}: its latent_norm {meta['latent_norm'][:120]!r} is neither {{'kind': 'scale', "
+                         f"'scaling_factor': s > 0}} nor {{'kind': 'channel', 'mean': [{channels} numbers], 'std': "
+                         f"[{channels} numbers > 0]}}")
+    return norm
+
+
 class LatentShards(torch.utils.data.Dataset):
     """A folder of .safetensors shards read row by row through safetensors' memory mapping:
     nothing is loaded whole, resident memory stays flat.
@@ -106,12 +128,11 @@ class LatentShards(torch.utils.data.Dataset):
     CHUNK = 4096
 
     def __init__(self, folder: str | Path):
-        import json
         from safetensors import safe_open
         self.files = [f for f in _files(Path(folder), (".safetensors",))]
         if not self.files:
             raise ValueError(f"no .safetensors shards in {folder}")
-        self.counts, self.has_y, self.latent_norm, self.sample_shape, max_label = [], None, None, None, 0
+        self.counts, self.sample_shape, self.has_y, self.posterior, max_label = [], None, None, None, 0
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt") as s:
@@ -136,13 +157,17 @@ class LatentShards(torch.utils.data.Dataset):
                 raise ValueError(f"shard {f} has sample shape {shape[1:]} but {self.files[0].name} has {self.sample_shape}")
             if self.has_y not in (None, y is not None):
                 raise ValueError(f"shard {f} {'has' if y is not None else 'lacks'} labels 'y' unlike {self.files[0].name}")
+            if self.posterior not in (None, arrays != ["x"]):
+                raise ValueError(f"shard {f} holds {' and '.join(arrays)} but {self.files[0].name} does not: one kind of shard per folder")
+            norm = read_latent_norm(meta, f, shape[1])
+            if self.counts and norm != self.latent_norm:  # sampling undoes one scaling for the whole model
+                raise ValueError(f"shard {f} has latent_norm {norm} but {self.files[0].name} has {self.latent_norm}")
             if y is not None and (y.shape != (shape[0],) or y.dtype not in _INT_DTYPES or y.min() < 0 or y.max() >= MAX_CLASSES):
                 raise ValueError(f"'y' in shard {f} is {y.dtype} of shape {tuple(y.shape)}, expected {shape[0]} "
                                  f"integer labels in [0, {MAX_CLASSES})")
             max_label = max(max_label, int(y.max()) if y is not None else 0)
-            self.sample_shape, self.has_y, self.posterior = shape[1:], y is not None, arrays != ["x"]
+            self.sample_shape, self.has_y, self.posterior, self.latent_norm = shape[1:], y is not None, arrays != ["x"], norm
             self.counts.append(shape[0])
-            self.latent_norm = json.loads(meta["latent_norm"]) if "latent_norm" in meta else self.latent_norm
         self.starts = np.cumsum([0] + self.counts)
         self.num_classes = max_label + 1
         self._open: dict = {}  # per process (each DataLoader worker opens its own handles)
