@@ -132,7 +132,7 @@ class LatentShards(torch.utils.data.Dataset):
         self.files = [f for f in _files(Path(folder), (".safetensors",))]
         if not self.files:
             raise ValueError(f"no .safetensors shards in {folder}")
-        self.counts, self.sample_shape, self.has_y, self.posterior, max_label = [], None, None, None, 0
+        self.counts, self.sample_shape, self.has_y, self.posterior, self.latent_norm, max_label = [], None, None, None, None, 0
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt") as s:
