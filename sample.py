@@ -93,13 +93,16 @@ def main(args: Args):
     if args.vae:
         decode = latent_decoder(args.vae, meta, device)
         x = torch.cat([decode(part).cpu() for part in x.split(args.batch_size)])    # (B, 3, H, W) in [-1, 1]
-    if out.name.endswith(".png"):
-        save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
-    elif out.name.endswith(".npz"):
-        save_npz(x, labels, out)
-    else:
-        files = save_nifti(x, out, meta.get("affine"))
-        out = files[0] if len(files) == 1 else f"{files[0]} ... {files[-1].name}"
+    try:
+        if out.name.endswith(".png"):
+            save_grid(x, out, nrow=args.n if not args.labels else min(len(labels), 10))
+        elif out.name.endswith(".npz"):
+            save_npz(x, labels, out)
+        else:
+            files = save_nifti(x, out, meta.get("affine"))
+            out = files[0] if len(files) == 1 else f"{files[0]} ... {files[-1].name}"
+    except OSError as e:  # a full disk: no partial file is left (fastmf.images)
+        fail(f"cannot write {out} ({e.strerror or e})")
     print(f"wrote {len(labels)} samples ({args.nfe} NFE, omega {omega}) to {out}")
     if args.eval:
         from fastmf.eval import digits_report, phantom_report

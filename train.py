@@ -178,7 +178,10 @@ def final_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omeg
                    f"{report['precision_real']:.3f} / {report['recall_real']:.3f}), Frechet {report['frechet']:.3f} "
                    f"(real: {report['frechet_real']:.3f})")
     report |= {"step": step, "nfe": 1, "omega": omega, "n": n}
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    try:
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+    except OSError as e:
+        cannot_write(out / "eval.json", e)
     print(summary)
     if logger.run is not None:
         logger.run.log({f"eval/{k}": v for k, v in report.items()}, step=step)
@@ -196,6 +199,12 @@ class StopSignal:
         if self.received is not None:  # a second signal: stop now, without the save
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+
+
+def cannot_write(path: Path, e: OSError):
+    """A full disk or a lost mount while writing a run's file: one line, and the run stops."""
+    fail(f"cannot write {path} ({e.strerror or e}); the checkpoints written so far are kept: free space and "
+         "continue with --resume")
 
 
 def rows_up_to(path: Path, step: int) -> list[str]:
@@ -219,8 +228,11 @@ class Logger:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():  # steps past the resumed checkpoint run again: drop their old rows
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(f"{row}\n" for row in rows_up_to(self.path, step)))
-            os.replace(tmp, self.path)  # atomic: a kill now loses no row
+            try:
+                tmp.write_text("".join(f"{row}\n" for row in rows_up_to(self.path, step)))
+                os.replace(tmp, self.path)  # atomic: a kill now loses no row
+            except OSError as e:
+                cannot_write(self.path, e)
         if cfg.run.wandb:
             import wandb
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -233,8 +245,11 @@ class Logger:
         record = record | {"step": step, "steps_per_s": (step - self.step_last) / (now - self.t_last)}
         self.t_last, self.step_last = now, step
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.1f}")
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")  # a row torn by a full disk is dropped on resume (rows_up_to)
+        except OSError as e:
+            cannot_write(self.path, e)
         if self.run is not None:
             self.run.log(record, step=step)
 
@@ -438,8 +453,11 @@ def train(run: Run) -> StopSignal:
             sample_model, weights = run.sampling_weights()
             if main_rank:
                 labels = class_grid_labels(data.num_classes, 10, device)
-                save_grid(sample_labels(sample_model, weights, labels, cfg.seed, run.eval_omega),
-                          out / f"samples_{step:07d}.png", nrow=10)
+                grid = out / f"samples_{step:07d}.png"
+                try:
+                    save_grid(sample_labels(sample_model, weights, labels, cfg.seed, run.eval_omega), grid, nrow=10)
+                except OSError as e:
+                    cannot_write(grid, e)
         if ckpt_now or signalled:
             checkpoints.save(state)
         if main_rank:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fastmf.cli import first_line
@@ -45,7 +45,8 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     """Write `tensors` and JSON-serialisable `meta` to `path` (.safetensors) atomically.
 
     The file is written to a temporary name in the same folder, flushed to disk, then renamed
-    over `path`: a crash at any point leaves either the old checkpoint or the new one.
+    over `path`: a crash at any point leaves either the old checkpoint or the new one. OSError if
+    it cannot be written (a full disk), with no temporary file left behind.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -70,7 +71,11 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         crcs = json.dumps({name: crc32(t) for name, t in out.items()} | {_META_KEY: meta_crc32(meta_json)})
-        save_file(out, str(tmp), metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
+        try:
+            save_file(out, str(tmp), metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
+        except SafetensorError as e:  # safetensors' I/O errors (a full disk) are not OSErrors: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(first_line(e))) from e
         # safetensors creates the file owner-only (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -1,9 +1,25 @@
-"""Writing samples: PNG grids (2D images, or the middle slices of volumes), .npz and NIfTI."""
+"""Writing samples: PNG grids (2D images, or the middle slices of volumes), .npz and NIfTI.
+Each file is written under a temporary name and renamed: a failed write (a full disk) leaves no
+partial file, and raises its OSError."""
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp), tmp a hidden name beside `path` with its suffix (the writers choose the format by
+    it), then rename tmp to `path`; tmp is removed if anything fails."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -34,11 +50,12 @@ def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    write_atomically(Path(path), image.save)
 
 
 def save_npz(samples: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
-    np.savez(path, samples=samples.float().cpu().numpy(), labels=labels.cpu().numpy())
+    arrays = {"samples": samples.float().cpu().numpy(), "labels": labels.cpu().numpy()}
+    write_atomically(Path(path), lambda tmp: np.savez(tmp, **arrays))
 
 
 def save_nifti(volumes: torch.Tensor, path: str | Path, affine=None) -> list[Path]:
@@ -51,6 +68,7 @@ def save_nifti(volumes: torch.Tensor, path: str | Path, affine=None) -> list[Pat
     for i, v in enumerate(volumes.float().cpu().numpy()):
         data = v[0] if v.shape[0] == 1 else np.moveaxis(v, 0, -1)   # channels last for NIfTI
         f = path.with_name(f"{stem}_{i:03d}.nii.gz")
-        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), str(f))
+        image = nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
+        write_atomically(f, lambda tmp: nib.save(image, str(tmp)))
         out.append(f)
     return out

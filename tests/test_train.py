@@ -289,7 +289,7 @@ def test_default_workers_are_at_most_a_ranks_share_of_the_cores(monkeypatch):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, capsys, monkeypatch):
     """A full disk at the second save: one line, the first checkpoint kept, no temporary file left."""
-    import errno
+    from safetensors import SafetensorError
 
     import fastmf.ckpt
     out = tmp_path / "full"
@@ -297,8 +297,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
 
     def fills_the_disk(tensors, path, metadata):
         saves.append(path)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if len(saves) == 2:  # what safetensors raises on a full disk (a 9 MB tmpfs, safetensors 0.8), half written
+            Path(path).write_bytes(b"\0" * 1000)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real(tensors, path, metadata=metadata)
     monkeypatch.setattr(fastmf.ckpt, "save_file", fills_the_disk)
     with pytest.raises(SystemExit):
@@ -307,6 +308,28 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
         f"error: cannot write the checkpoint of step 6 to {out} (No space left on device); the previous checkpoints "
         "are kept: free space and continue with --resume")
     assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt_0000003.safetensors"]
+
+
+def test_a_full_disk_at_the_sample_grid_stops_the_run_in_one_line_and_leaves_no_partial_file(tmp_path, capsys,
+                                                                                              monkeypatch):
+    import errno
+
+    from PIL import Image
+    out = tmp_path / "full"
+    real = Image.Image.save
+
+    def fills_the_disk(image, path, *args, **kwargs):
+        if Path(path).name.startswith(".samples_0000006"):  # the second grid (step 6), half written
+            Path(path).write_bytes(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(image, path, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", fills_the_disk)
+    with pytest.raises(SystemExit):
+        train.main(small(out))
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {out / 'samples_0000006.png'} (No space left on device); the checkpoints written so far "
+        "are kept: free space and continue with --resume")
+    assert sorted(p.name for p in out.iterdir() if "samples" in p.name) == ["samples_0000003.png"]
 
 
 def test_an_unreadable_volume_names_the_flag_that_skips_it(tmp_path):
