@@ -157,7 +157,11 @@ def reference_samples(args: Args, size: int, features: Features):
 def reference_stats(args: Args, size: int, features: Features, dist: distributed.Dist) -> tuple:
     """(mu, sigma) of --reference: read from an .npz, or computed from a folder (sharded over ranks)."""
     if Path(args.reference).suffix == ".npz":
-        return load_reference(args.reference)
+        mu, sigma = load_reference(args.reference)
+        if len(mu) != features.dim:  # checked now, not after the sampling
+            raise ValueError(f"--reference {args.reference} holds statistics of {len(mu)} features, but {features.name} "
+                             f"gives {features.dim}: statistics of another network")
+        return mu, sigma
     n, batches = reference_samples(args, size, features)
     stats = features.stats(n, dist.device)
     bar = progress(n, f"reference statistics of {n} samples", dist)
@@ -167,7 +171,10 @@ def reference_stats(args: Args, size: int, features: Features, dist: distributed
     bar.close()
     stats.all_reduce()
     if args.save_reference and dist.is_main:
-        save_reference(args.save_reference, stats)
+        try:
+            save_reference(args.save_reference, stats)
+        except OSError as e:  # a full disk
+            fail(f"cannot write {args.save_reference} ({e.strerror or e})")
         print(f"wrote the reference statistics to {args.save_reference}", file=sys.stderr)
     return stats.moments()
 
@@ -192,9 +199,14 @@ def evaluate(model, params, features: Features, reference, args: Args, setting: 
 
 
 def write_json(path: Path, results: dict):
+    """The results so far, atomically; a failed write (a full disk) is one line."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({e.strerror or e})")
 
 
 def main(args: Args):

@@ -41,6 +41,15 @@ def meta_crc32(meta_json: str) -> int:
     return zlib.crc32(meta_json.encode())
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O errors (a full disk: "... (os error 28)") as OSErrors."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(first_line(e))) from e
+
+
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
     """Write `tensors` and JSON-serialisable `meta` to `path` (.safetensors) atomically.
 
@@ -71,11 +80,7 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         crcs = json.dumps({name: crc32(t) for name, t in out.items()} | {_META_KEY: meta_crc32(meta_json)})
-        try:
-            save_file(out, str(tmp), metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
-        except SafetensorError as e:  # safetensors' I/O errors (a full disk) are not OSErrors: "... (os error 28)"
-            code = re.search(r"os error (\d+)", str(e))
-            raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(first_line(e))) from e
+        write_safetensors(out, tmp, metadata={_META_KEY: meta_json, _CRC_KEY: crcs})
         # safetensors creates the file owner-only (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -129,7 +129,10 @@ def main(argv=None):
     meta = {"model": model.record, "world_size": 1, "converted_from": str(args.pth), "state": {"step": 0}}
     if args.variant == "imf":  # iMF's latents are per-channel normalised SD-VAE latents: decoding needs it
         meta["latent_norm"] = {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD}
-    save_checkpoint(checkpoint_path(args.out, 0), flatten_state({"params": params, "ema": params}), meta)
+    try:
+        save_checkpoint(checkpoint_path(args.out, 0), flatten_state({"params": params, "ema": params}), meta)
+    except OSError as e:  # a full disk or a folder that cannot be made
+        fail(f"cannot write {checkpoint_path(args.out, 0)} ({e.strerror or e})")
     n = sum(v.numel() for v in params.values())
     print(f"{args.variant} {model.record['name']}-sized MiT ({n / 1e6:.1f}M params) -> {checkpoint_path(args.out, 0)}")
 

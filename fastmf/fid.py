@@ -121,9 +121,12 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_reference(path: str | Path, stats: FeatureStats):
-    """Write mu, sigma (ADM's keys) and n to an .npz, atomically."""
+    """Write mu, sigma (ADM's keys) and n to an .npz, atomically (OSError, and no file, if it fails)."""
     path = Path(path)
     mu, sigma = stats.moments()
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(float(stats.count)))
-    tmp.replace(path)
+    try:
+        np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(float(stats.count)))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastmf.ckpt import write_safetensors
 from fastmf.cli import fail, first_line, last_line, resolve_device, writable_folder
 from fastmf.data.image_folder import ImageFolder
 from fastmf.data.loader import default_workers, to_model_range
@@ -72,7 +73,6 @@ def main(argv=None):
     out = writable_folder(Path(args.out), "--out")  # after the images are listed: it may lie among them
     norm = ({"kind": "scale", "scaling_factor": float(vae.config.scaling_factor)} if args.norm == "sd"
             else {"kind": "channel", "mean": IMF_MEAN, "std": IMF_STD})
-    from safetensors.torch import save_file
     n_shards = -(-len(images) // args.shard_size)
     todo = [k for k in range(n_shards) if not shard_file(out, k).exists()]
     print(f"{len(images)} images -> {n_shards} shards in {out} ({n_shards - len(todo)} already there)")
@@ -92,10 +92,15 @@ def main(argv=None):
         except ValueError as e:
             fail(last_line(e))
         tmp = shard_file(out, k).with_suffix(".tmp")
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "y": torch.cat(ys)},
-                  str(tmp), metadata={"latent_norm": json.dumps(norm), "image_size": str(args.image_size),
-                                      "vae": str(args.vae)})
-        tmp.replace(shard_file(out, k))
+        try:
+            write_safetensors({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                               "y": torch.cat(ys)}, tmp, metadata={"latent_norm": json.dumps(norm), "vae": str(args.vae),
+                                                                   "image_size": str(args.image_size)})
+            tmp.replace(shard_file(out, k))
+        except OSError as e:  # a full disk
+            tmp.unlink(missing_ok=True)
+            fail(f"cannot write {shard_file(out, k)} ({e.strerror or e}); the shards written so far are kept: free "
+                 "space and run the same command again to go on")
     print(f"done: train with `python train.py --data {out}`")
 
 

@@ -75,6 +75,23 @@ def test_a_damaged_or_foreign_file_is_one_line(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import fastmf.ckpt
+    from fastmf.convert import main
+    official_pth("pmf", tmp_path / "official.pth")
+
+    def full_disk(tensors, path, metadata):
+        Path(path).write_bytes(b"\0" * 100)  # half written
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(fastmf.ckpt, "save_file", full_disk)
+    with pytest.raises(SystemExit):
+        main(["pmf", str(tmp_path / "official.pth"), str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'out' / 'ckpt_0000000.safetensors'} (No space left on device)\n"
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_missing_and_unknown_keys_are_listed(tmp_path):
     g = load_file(str(GOLDEN / "imf_torch_tiny.safetensors"))
     state = {k.removeprefix("param."): v for k, v in g.items() if k.startswith("param.")}

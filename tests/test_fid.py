@@ -238,9 +238,10 @@ def test_medicalnet_is_built_from_its_file(tmp_path):
     assert not basic.training and not any(p.requires_grad for p in basic.parameters())
 
 
-def test_volume_frechet_distance_end_to_end(tmp_path):
+def test_volume_frechet_distance_end_to_end(tmp_path, capsys, monkeypatch):
     import nibabel as nib
     from fastmf.data import make_phantoms
+    from fastmf.volume_features import RandomConvFeatures
     from test_train import small, train
     evaluate = __import__("test_train").load_script("evaluate")
     train.main(small(tmp_path / "run", data="phantom3d", image_size=16, steps=2, batch_size=2, sample_every=100,
@@ -257,3 +258,19 @@ def test_volume_frechet_distance_end_to_end(tmp_path):
     evaluate.main(evaluate.Args(**common, out=str(tmp_path / "mn.json"),
                                 volume_features=str(medicalnet_file(tmp_path / "r10.pth", (1, 1, 1, 1), False, "B"))))
     assert json.loads((tmp_path / "mn.json").read_text())["features"].startswith("medicalnet")
+    # Statistics of another network: refused before any sampling. A full disk at --out: one line, no file.
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(SystemExit):
+        evaluate.main(evaluate.Args(**common | {"reference": str(tmp_path / "other.npz")}, out=str(tmp_path / "o.json")))
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --reference {tmp_path / 'other.npz'} holds statistics of 3 features, but random-conv-3d (seed 0) gives "
+        f"{RandomConvFeatures(1).dim}: statistics of another network")
+
+    def full_disk(path, text):
+        path.write_bytes(b"{")  # half written
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SystemExit):
+        evaluate.main(evaluate.Args(**common, out=str(tmp_path / "full.json")))
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {tmp_path / 'full.json'} (No space left on device)"
+    assert not list(tmp_path.glob("full.json*"))

@@ -122,6 +122,36 @@ def test_shards_are_memory_mapped_row_by_row_and_checked(tmp_path):
         LatentShards(tmp_path)
 
 
+def test_a_full_disk_while_writing_shards_keeps_the_written_ones_and_a_rerun_goes_on(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import fastmf.ckpt
+    from fastmf.prepare_latents import main
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    args = [str(tmp_path / "imgs"), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae"), "--image-size", "16",
+            "--shard-size", "2", "--workers", "0"]
+    tiny_vae(tmp_path / "vae")
+    real = fastmf.ckpt.save_file
+
+    def fills_the_disk(tensors, path, metadata):
+        if path.endswith("shard_00001.tmp"):  # what safetensors raises on a full disk, half written
+            Path(path).write_bytes(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(fastmf.ckpt, "save_file", fills_the_disk)
+    with pytest.raises(SystemExit):
+        main(args)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'lat' / 'shard_00001.safetensors'} (No space left on device); the shards "
+        "written so far are kept: free space and run the same command again to go on")
+    assert sorted(f.name for f in (tmp_path / "lat").iterdir()) == ["shard_00000.safetensors"]
+    monkeypatch.setattr(fastmf.ckpt, "save_file", real)
+    main(args)
+    assert "(1 already there)" in capsys.readouterr().out and len(LatentShards(tmp_path / "lat")) == 3
+
+
 def test_missing_vae_is_a_one_line_error(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     r = subprocess.run([sys.executable, "-m", "fastmf.prepare_latents", str(tmp_path), str(tmp_path / "o"),
