@@ -26,6 +26,7 @@ from fastmf import distributed
 from fastmf.cli import fail, last_line, resolve_device, writable_folder
 from fastmf.data.loader import default_workers
 from fastmf.fid import FeatureStats, load_reference, save_reference, to_inception_input
+from fastmf.images import write_atomically
 from fastmf.inception import load_fid_inception
 from fastmf.inference import generate, guidance, latent_decoder, load_model
 from fastmf.recipes import RECIPES
@@ -200,12 +201,9 @@ def evaluate(model, params, features: Features, reference, args: Args, setting: 
 
 def write_json(path: Path, results: dict):
     """The results so far, atomically; a failed write (a full disk) is one line."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         fail(f"cannot write {path} ({e.strerror or e})")
 
 

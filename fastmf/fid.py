@@ -24,6 +24,7 @@ import torch
 
 from fastmf.cli import first_line
 from fastmf.eval import frechet_from_moments
+from fastmf.images import write_atomically
 
 IS_SPLITS = 10  # ADM: splits of 5,000 over 50,000 samples
 
@@ -122,11 +123,5 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def save_reference(path: str | Path, stats: FeatureStats):
     """Write mu, sigma (ADM's keys) and n to an .npz, atomically (OSError, and no file, if it fails)."""
-    path = Path(path)
     mu, sigma = stats.moments()
-    tmp = path.with_name(path.name + ".tmp.npz")
-    try:
-        np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(float(stats.count)))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(Path(path), lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(float(stats.count))))

@@ -1,6 +1,6 @@
 """Writing samples: PNG grids (2D images, or the middle slices of volumes), .npz and NIfTI.
-Each file is written under a temporary name and renamed: a failed write (a full disk) leaves no
-partial file, and raises its OSError."""
+Each file is written under a temporary name and renamed (`write_atomically`, which evaluation's
+files use too): a failed write (a full disk) leaves no partial file, and raises its OSError."""
 import os
 from pathlib import Path
 from typing import Callable
