@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 def _read_arrays(file: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         if file.name.endswith(".npz"):
+            if not zipfile.is_zipfile(file):  # np.load would read it as a .npy or a pickle
+                raise ValueError("not an .npz (numpy's zip of arrays), or a damaged one")
             with np.load(file, allow_pickle=False) as z:  # never unpickle user files
                 arrays = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
@@ -24,7 +27,7 @@ def _read_arrays(file: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
             arrays = load_file(file)
     except Exception as e:  # zipfile, numpy and safetensors each raise their own types
-        raise ValueError(f"cannot read array file {file}: {e}") from e
+        raise ValueError(f"cannot read array file {file}: {first_line(e)}") from e
     if "x" not in arrays:
         raise ValueError(f"array file {file} has no array 'x' (found: {sorted(arrays)})")
     x, y = arrays["x"], arrays.get("y")
