@@ -344,9 +344,13 @@ def setup(cfg: TrainConfig) -> Run:
         model.set_attention_backend("triton" if device.type == "cuda" else "torch")
     # What sample.py needs to write samples back in the data's terms: volume geometry, the latent scale.
     checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "latent_norm": data.latent_norm})
-    restarted = restarted_job() and checkpoints.exist()
+    exists = checkpoints.exist()
+    if dist.any(exists) and dist.any(not exists):  # else some ranks would resume and others start afresh
+        fail(f"{out}: some processes see checkpoints there and others do not; on several nodes --out must be a "
+             "folder every node sees (a shared filesystem)")
+    restarted = restarted_job() and exists
     resumed = cfg.run.resume or restarted  # a job restarted by torchrun --max-restarts resumes by itself
-    if resumed != checkpoints.exist():
+    if resumed != exists:
         fail(f"--resume given but {out} holds no checkpoint" if resumed else
              f"{out} holds checkpoints; pass --resume to continue them or choose another --out")
     try:

@@ -203,6 +203,17 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
 
 
 
+def test_an_out_folder_that_not_every_rank_sees_is_refused(tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for flags in ([], ["--resume"]):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "tests/dist_out_worker.py", "--out", str(tmp_path / "run"), "--steps", "2", "--no-compile",
+                            *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and r.stderr.count(
+            f"error: {tmp_path / 'run'}: some processes see checkpoints there and others do not; on several nodes "
+            "--out must be a folder every node sees (a shared filesystem)") == 2, r.stderr[-2000:]
+
+
 def test_the_weight_guard_catches_ranks_that_differ():
     # The worker lives in tests/, so its sys.path[0] is not the repo root: name the root, so that
     # it imports this checkout's fastmf whatever is installed.
