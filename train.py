@@ -326,6 +326,10 @@ def setup(cfg: TrainConfig) -> Run:
         model = model.to(device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e) + (" (--skip-bad-files skips such files)" if isinstance(e, BadVolume) else ""))
+    if not dist.same([len(data.source), data.num_classes, *data.sample_shape]):  # node-local copies that differ
+        fail(f"the processes see different data in {cfg.data.data} (this one: {len(data.source)} samples of "
+             f"{data.num_classes} classes, each {tuple(data.sample_shape)}); on several nodes --data must hold the "
+             "same files on each")
     ocfg = dataclasses.replace(cfg.objective, num_classes=data.num_classes)
     held = getattr(data.source, "x", None)  # data in memory; its first samples tell the scale
     floats = isinstance(held, torch.Tensor) and held.is_floating_point()

@@ -54,6 +54,16 @@ class Dist:
         td.all_reduce(t)
         return bool(t.item() > 0)
 
+    def same(self, values: list[float]) -> bool:
+        """True on every rank if every rank passed the same values (a collective check)."""
+        if self.world == 1:
+            return True
+        lo = torch.tensor(values, dtype=torch.float64, device=self.device)
+        hi = lo.clone()
+        td.all_reduce(lo, op=td.ReduceOp.MIN)
+        td.all_reduce(hi, op=td.ReduceOp.MAX)
+        return torch.equal(lo, hi)
+
     def barrier(self):
         if self.world > 1:
             td.barrier()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -203,15 +204,26 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
 
 
 
-def test_an_out_folder_that_not_every_rank_sees_is_refused(tmp_path):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def test_out_and_data_folders_that_differ_between_ranks_are_refused(tmp_path):
+    """Node-local --out or --data on several nodes: some ranks would resume and others start afresh,
+    or ranks would index different sample lists. Simulated per rank by tests/dist_view_worker.py."""
+    def views(mode, *flags):
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "tests/dist_view_worker.py", mode, "--out", str(tmp_path / "run"), "--steps", "2",
+                               "--no-compile", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     for flags in ([], ["--resume"]):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "tests/dist_out_worker.py", "--out", str(tmp_path / "run"), "--steps", "2", "--no-compile",
-                            *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        r = views("out", *flags)
         assert r.returncode != 0 and r.stderr.count(
             f"error: {tmp_path / 'run'}: some processes see checkpoints there and others do not; on several nodes "
             "--out must be a folder every node sees (a shared filesystem)") == 2, r.stderr[-2000:]
+    for rank, n in enumerate((10, 9)):  # an interrupted copy on the second node
+        np.savez(tmp_path / f"x_{rank}.npz", x=np.zeros((n, 1, 8, 8), np.float32), y=np.arange(n) % 3)
+    r = views("data", "--data", str(tmp_path / "x_RANK.npz"), "--batch-size", "2")
+    for rank, n in enumerate((10, 9)):
+        assert (f"error: the processes see different data in {tmp_path / f'x_{rank}.npz'} (this one: {n} samples of 3 "
+                "classes, each (1, 8, 8)); on several nodes --data must hold the same files on each") in r.stderr, \
+            r.stderr[-2000:]
 
 
 def test_the_weight_guard_catches_ranks_that_differ():
