@@ -164,6 +164,9 @@ def reference_stats(args: Args, size: int, features: Features, dist: distributed
                              f"gives {features.dim}: statistics of another network")
         return mu, sigma
     n, batches = reference_samples(args, size, features)
+    if not dist.same([n]):  # node-local copies that differ: each rank would take another share
+        fail(f"the processes see different reference data in {args.reference} (this one: {n} samples); on several "
+             "nodes --reference must hold the same files on each")
     stats = features.stats(n, dist.device)
     bar = progress(n, f"reference statistics of {n} samples", dist)
     for x, index in batches(my_indices(n, dist)):                               # x (b, C, *S) in [-1, 1]

@@ -204,26 +204,43 @@ def test_fsdp_shards_match_one_process_and_a_sharded_checkpoint_resumes(tmp_path
 
 
 
-def test_out_and_data_folders_that_differ_between_ranks_are_refused(tmp_path):
-    """Node-local --out or --data on several nodes: some ranks would resume and others start afresh,
-    or ranks would index different sample lists. Simulated per rank by tests/dist_view_worker.py."""
+def test_out_data_and_reference_folders_that_differ_between_ranks_are_refused(tmp_path):
+    """Node-local --out, --data or --reference on several nodes: some ranks would resume and others
+    start afresh, or ranks would index different sample lists. Simulated per rank by
+    tests/dist_view_worker.py."""
     def views(mode, *flags):
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "tests/dist_view_worker.py", mode, "--out", str(tmp_path / "run"), "--steps", "2",
-                               "--no-compile", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                               "tests/dist_view_worker.py", mode, *flags], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    run = ["--out", str(tmp_path / "run"), "--steps", "2", "--no-compile"]
     for flags in ([], ["--resume"]):
-        r = views("out", *flags)
+        r = views("out", *run, *flags)
         assert r.returncode != 0 and r.stderr.count(
             f"error: {tmp_path / 'run'}: some processes see checkpoints there and others do not; on several nodes "
             "--out must be a folder every node sees (a shared filesystem)") == 2, r.stderr[-2000:]
     for rank, n in enumerate((10, 9)):  # an interrupted copy on the second node
         np.savez(tmp_path / f"x_{rank}.npz", x=np.zeros((n, 1, 8, 8), np.float32), y=np.arange(n) % 3)
-    r = views("data", "--data", str(tmp_path / "x_RANK.npz"), "--batch-size", "2")
+    r = views("train", *run, "--data", str(tmp_path / "x_RANK.npz"), "--batch-size", "2")
     for rank, n in enumerate((10, 9)):
         assert (f"error: the processes see different data in {tmp_path / f'x_{rank}.npz'} (this one: {n} samples of 3 "
                 "classes, each (1, 8, 8)); on several nodes --data must hold the same files on each") in r.stderr, \
             r.stderr[-2000:]
+
+    import nibabel as nib
+    from fastmf.data import make_phantoms
+    from test_train import small, train
+    train.main(small(tmp_path / "ph", data="phantom3d", image_size=16, steps=2, batch_size=2, sample_every=100,
+                     ckpt_every=2, log_every=1, eval_samples=0))
+    for rank, n in enumerate((3, 2)):
+        (tmp_path / f"ref_{rank}").mkdir()
+        for i, v in enumerate(make_phantoms(n, 16, seed=1)[0]):
+            nib.save(nib.Nifti1Image(v[0].numpy(), np.eye(4)), str(tmp_path / f"ref_{rank}" / f"{i}.nii.gz"))
+    r = views("evaluate", "--ckpt", str(tmp_path / "ph"), "--reference", str(tmp_path / "ref_RANK"), "--num-samples",
+              "4", "--batch-size", "2", "--voxel-size", "1", "--device", "cpu", "--out", str(tmp_path / "fd.json"))
+    for rank, n in enumerate((3, 2)):
+        assert (f"error: the processes see different reference data in {tmp_path / f'ref_{rank}'} (this one: {n} "
+                "samples); on several nodes --reference must hold the same files on each") in r.stderr, r.stderr[-2000:]
 
 
 def test_the_weight_guard_catches_ranks_that_differ():
