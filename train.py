@@ -30,7 +30,7 @@ from fastmf.data import Data, EpochSampler, load_dataset, step_batches, to_model
 from fastmf.data.loader import default_workers, flips
 from fastmf.data.volumes import BadVolume
 from fastmf.global_batch import draw_rows, rows_in_order
-from fastmf.images import save_grid
+from fastmf.images import save_grid, write_atomically
 from fastmf.inference import default_omega, sample_labels
 from fastmf.models import Backbone, build, from_record, functional
 from fastmf.objectives import LOSSES_FROM_DRAWS, ObjectiveConfig, uses_perceptual
@@ -179,7 +179,7 @@ def final_eval(cfg: TrainConfig, model: Backbone, weights: dict, step: int, omeg
                    f"(real: {report['frechet_real']:.3f})")
     report |= {"step": step, "nfe": 1, "omega": omega, "n": n}
     try:
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        write_atomically(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     except OSError as e:
         cannot_write(out / "eval.json", e)
     print(summary)
@@ -227,10 +227,9 @@ class Logger:
         if not resumed:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():  # steps past the resumed checkpoint run again: drop their old rows
-            tmp = self.path.with_suffix(".jsonl.tmp")
+            rows = "".join(f"{row}\n" for row in rows_up_to(self.path, step))
             try:
-                tmp.write_text("".join(f"{row}\n" for row in rows_up_to(self.path, step)))
-                os.replace(tmp, self.path)  # atomic: a kill now loses no row
+                write_atomically(self.path, lambda tmp: tmp.write_text(rows))  # a kill now loses no row
             except OSError as e:
                 cannot_write(self.path, e)
         if cfg.run.wandb:
@@ -349,7 +348,7 @@ def setup(cfg: TrainConfig) -> Run:
     # What sample.py needs to write samples back in the data's terms: volume geometry, the latent scale.
     checkpoints = Checkpoints(cfg, dist, model, {"affine": data.affine, "latent_norm": data.latent_norm})
     exists = checkpoints.exist()
-    if dist.any(exists) and dist.any(not exists):  # else some ranks would resume and others start afresh
+    if not dist.same([float(exists)]):  # else some ranks would resume and others start afresh
         fail(f"{out}: some processes see checkpoints there and others do not; on several nodes --out must be a "
              "folder every node sees (a shared filesystem)")
     restarted = restarted_job() and exists
